@@ -1,0 +1,3 @@
+"""Integrador real-time WebSocket gateway on Trio."""
+
+__version__ = "1.0.0"

@@ -1,0 +1,336 @@
+"""The one settings class.
+
+Every setting is an attrs field whose metadata names its environment variable, its command-line
+flag, its valid range and a help line. ``Settings.from_env`` reads the environment (the existing
+gateway's names where it had one), the CLI overlays flags, and ``docs/configuration.md`` is
+generated from the same metadata (``gateway config-doc``), so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
+DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
+ENVIRONMENTS = ("development", "test", "staging", "production")
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+class SettingsError(ValueError):
+    """An invalid setting. The message names the environment variable (or flag)."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _parse_level(raw: str) -> str:
+    return raw.strip().upper()
+
+
+_Parser = Callable[[str], Any]
+
+
+def setting(
+    default: Any,
+    env: str,
+    help: str,
+    *,
+    parse: _Parser | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    meta = {
+        "env": env,
+        "help": help,
+        "parse": parse,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "secret": secret,
+    }
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=meta)
+    return attrs.field(default=default, metadata=meta)
+
+
+def _hostname() -> str:
+    return socket.gethostname() or "gateway"
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    # --- serving -------------------------------------------------------------------------------
+    host: str = setting("0.0.0.0", "WS_GATEWAY_HOST", "Address to listen on.")
+    port: int = setting(8001, "WS_GATEWAY_PORT", "TCP port for WebSocket and HTTP.", minimum=0, maximum=65535)
+    environment: str = setting(
+        "development", "ENVIRONMENT", "Deployment environment; outside development the default secrets are refused.",
+        choices=ENVIRONMENTS,
+    )
+    production_check: bool = setting(
+        False, "PRODUCTION_CHECK",
+        "Set on production hosts: disables the development bypass for a missing Origin header (D2).",
+        parse=_parse_bool,
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (), "ALLOWED_ORIGINS",
+        "Comma-separated exact Origin allow-list (WebSocket and CORS). Empty: the 18 development "
+        "origins and their https:// forms.",
+        parse=_parse_list,
+    )
+    handshake_timeout: float = setting(
+        5.0, "WS_HANDSHAKE_TIMEOUT", "Seconds a client has to send its request head (and upgrade).",
+        minimum=0.1, maximum=120,
+    )
+    max_header_bytes: int = setting(
+        16384, "WS_MAX_HEADER_BYTES", "Largest request head accepted (431 beyond).",
+        minimum=1024, maximum=1048576,
+    )
+    max_body_bytes: int = setting(
+        1048576, "WS_MAX_BODY_BYTES", "Largest HTTP request body accepted (413 beyond).",
+        minimum=1024, maximum=16777216,
+    )
+    # --- credentials ---------------------------------------------------------------------------
+    jwt_secret: str = setting(DEFAULT_JWT_SECRET, "JWT_SECRET", "HS256 secret of staff JWTs.", secret=True)
+    jwt_issuer: str = setting("menu-ops", "JWT_ISSUER", "Required `iss` of staff JWTs.")
+    jwt_audience: str = setting("menu-ops-users", "JWT_AUDIENCE", "Required `aud` of staff JWTs.")
+    table_token_secret: str = setting(
+        DEFAULT_TABLE_TOKEN_SECRET, "TABLE_TOKEN_SECRET", "Secret of table tokens (JWT and legacy HMAC).",
+        secret=True,
+    )
+    jwt_revalidation_interval: float = setting(
+        300.0, "JWT_REVALIDATION_INTERVAL", "Seconds between revocation checks of an open staff socket.",
+        minimum=1, maximum=86400,
+    )
+    table_token_revalidation_interval: float = setting(
+        1800.0, "TABLE_TOKEN_REVALIDATION_INTERVAL", "Seconds between re-verifications of an open diner socket.",
+        minimum=1, maximum=86400,
+    )
+    # --- limits --------------------------------------------------------------------------------
+    max_connections_per_user: int = setting(
+        3, "WS_MAX_CONNECTIONS_PER_USER", "Open sockets per staff user (1008 beyond).", minimum=1, maximum=10000,
+    )
+    max_connections_per_session: int = setting(
+        10, "WS_MAX_CONNECTIONS_PER_SESSION", "Open diner sockets per table session (1008 beyond).",
+        minimum=1, maximum=10000,
+    )
+    max_total_connections: int = setting(
+        10000, "WS_MAX_TOTAL_CONNECTIONS", "Open sockets per process (1013 beyond).", minimum=1, maximum=1000000,
+    )
+    heartbeat_timeout: float = setting(
+        60.0, "WS_HEARTBEAT_TIMEOUT", "A socket silent this long is closed 1001 by the sweeper.",
+        minimum=1, maximum=86400,
+    )
+    heartbeat_sweep_interval: float = setting(
+        30.0, "WS_HEARTBEAT_SWEEP_INTERVAL", "Seconds between heartbeat sweeps.", minimum=0.1, maximum=3600,
+    )
+    max_message_size: int = setting(
+        65536, "WS_MAX_MESSAGE_SIZE", "Largest inbound text message in characters (1009 beyond); also the "
+        "largest event accepted from Redis, in bytes.", minimum=16, maximum=16777216,
+    )
+    message_rate_limit: int = setting(
+        30, "WS_MESSAGE_RATE_LIMIT", "Inbound messages allowed per window (4029 beyond).", minimum=1, maximum=100000,
+    )
+    message_rate_window: float = setting(
+        1.0, "WS_MESSAGE_RATE_WINDOW", "Sliding window of the message rate limit, in seconds.",
+        minimum=0.01, maximum=3600,
+    )
+    send_queue_max_bytes: int = setting(
+        1048576, "WS_SEND_QUEUE_MAX_BYTES",
+        "Bytes queued for one socket beyond what the kernel took; past it the socket is closed 1013 "
+        "\"Slow consumer\".", minimum=1024, maximum=1073741824,
+    )
+    # --- fan-out -------------------------------------------------------------------------------
+    broadcast_workers: int = setting(
+        2, "GATEWAY_BROADCAST_WORKERS", "Broadcast worker tasks taking routed jobs from the queue.",
+        minimum=1, maximum=64,
+    )
+    broadcast_queue_size: int = setting(
+        10000, "GATEWAY_BROADCAST_QUEUE", "Events buffered between Redis readers and broadcast workers.",
+        minimum=1, maximum=1000000,
+    )
+    direct_write: bool = setting(
+        True, "GATEWAY_DIRECT_WRITE",
+        "Write a frame straight to an idle socket instead of waking its writer task.", parse=_parse_bool,
+    )
+    dedup_window: float = setting(
+        10.0, "GATEWAY_DEDUP_WINDOW", "Seconds within which copies of one logical event are delivered once (D10).",
+        minimum=0, maximum=3600,
+    )
+    dedup_ts_tolerance: float = setting(
+        1.0, "GATEWAY_DEDUP_TS_TOLERANCE",
+        "Copies whose publisher `ts` differ by more than this many seconds are distinct events.",
+        minimum=0, maximum=3600,
+    )
+    # --- Redis ---------------------------------------------------------------------------------
+    redis_url: str | None = setting(
+        None, "REDIS_URL", "Redis to use (redis://, rediss://, unix://). Unset: start a private redis-server child (D18).",
+        parse=_parse_optional_str,
+    )
+    redis_data_dir: str | None = setting(
+        None, "GATEWAY_REDIS_DATA_DIR", "Embedded Redis only: keep its data here (AOF on). Unset: nothing on disk.",
+        parse=_parse_optional_str,
+    )
+    instance_id: str = setting(
+        None, "GATEWAY_INSTANCE_ID",
+        "Stable name of this instance; names its consumer group on the stream (D14). Default: the host name.",
+        factory=_hostname,
+    )
+    stream: str = setting("events:critical", "GATEWAY_STREAM", "Stream of critical events.")
+    dlq_stream: str = setting("events:dlq", "GATEWAY_DLQ_STREAM", "Dead-letter stream.")
+    group_prefix: str = setting(
+        "ws_gateway_group", "GATEWAY_GROUP_PREFIX", "Consumer groups are named `<prefix>:<instance id>`.",
+    )
+    stream_batch: int = setting(
+        100, "GATEWAY_STREAM_BATCH", "Entries read per XREADGROUP.", minimum=1, maximum=10000,
+    )
+    stream_block_ms: int = setting(
+        1000, "GATEWAY_STREAM_BLOCK_MS", "XREADGROUP BLOCK in milliseconds.", minimum=1, maximum=60000,
+    )
+    catchup_window: float = setting(
+        300.0, "GATEWAY_CATCHUP_WINDOW", "Seconds of events kept per branch for catch-up.", minimum=1, maximum=86400,
+    )
+    catchup_max_events: int = setting(
+        100, "GATEWAY_CATCHUP_MAX_EVENTS", "Events kept per branch for catch-up.", minimum=1, maximum=100000,
+    )
+    # --- operations ----------------------------------------------------------------------------
+    publish_token: str | None = setting(
+        None, "GATEWAY_PUBLISH_TOKEN", "Bearer token of POST /ws/publish. Unset: the endpoint is off.",
+        parse=_parse_optional_str, secret=True,
+    )
+    shutdown_timeout: float = setting(
+        10.0, "GATEWAY_SHUTDOWN_TIMEOUT", "Seconds a shutdown may take before remaining sockets are dropped.",
+        minimum=0.1, maximum=3600,
+    )
+    log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=_parse_level, choices=LOG_LEVELS)
+    log_format: str = setting(
+        "auto", "LOG_FORMAT", "json, text, or auto (text in development, JSON elsewhere).", choices=LOG_FORMATS,
+    )
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from ``environ`` (default ``os.environ``), then apply ``overrides``.
+
+        Raises ``SettingsError`` naming the variable for any value that does not parse or is out of
+        range, and for default secrets outside development.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            env = field.metadata["env"]
+            if env in environ:
+                values[field.name] = _convert(field, environ[env], env)
+        for name, raw in overrides.items():
+            if raw is None:
+                continue
+            field = getattr(attrs.fields(cls), name)
+            values[name] = _convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for field in attrs.fields(type(self)):
+            _check_range(field, getattr(self, field.name), field.metadata["env"])
+        if self.environment != "development":
+            if self.jwt_secret == DEFAULT_JWT_SECRET:
+                raise SettingsError(f"JWT_SECRET: the default secret is refused when ENVIRONMENT={self.environment}")
+            if self.table_token_secret == DEFAULT_TABLE_TOKEN_SECRET:
+                raise SettingsError(
+                    f"TABLE_TOKEN_SECRET: the default secret is refused when ENVIRONMENT={self.environment}"
+                )
+        if not self.instance_id or any(c.isspace() for c in self.instance_id):
+            raise SettingsError("GATEWAY_INSTANCE_ID: must be a non-empty name without spaces")
+
+    # --- derived values ------------------------------------------------------------------------
+    @property
+    def origin_bypass_active(self) -> bool:
+        """A missing Origin is accepted only in development without PRODUCTION_CHECK (D2)."""
+        return self.environment == "development" and not self.production_check
+
+    @property
+    def consumer_group(self) -> str:
+        return f"{self.group_prefix}:{self.instance_id}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, for logs and the detailed health page."""
+        out: dict[str, Any] = {}
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if field.metadata["secret"] and value:
+                value = "***"
+            elif field.name == "redis_url" and value:
+                value = redact_url_password(value)
+            out[field.name] = value
+        return out
+
+
+def redact_url_password(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _convert(field: attrs.Attribute[Any], raw: str, name: str) -> Any:
+    parse: _Parser | None = field.metadata["parse"]
+    if parse is None:
+        parse = {"int": int, "float": float}.get(str(field.type), str)
+    try:
+        value = parse(raw.strip() if parse in (int, float) else raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: invalid value {_shown(field, raw)}: {exc}") from None
+    _check_range(field, value, name)
+    return value
+
+
+def _shown(field: attrs.Attribute[Any], raw: str) -> str:
+    return "(hidden)" if field.metadata["secret"] else repr(raw)
+
+
+def _check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
+    meta = field.metadata
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{name}: must be a finite number")
+        if meta["minimum"] is not None and value < meta["minimum"]:
+            raise SettingsError(f"{name}: {value} is below the minimum {meta['minimum']}")
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise SettingsError(f"{name}: {value} is above the maximum {meta['maximum']}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
+
+
+def settings_fields() -> tuple[attrs.Attribute[Any], ...]:
+    return attrs.fields(Settings)

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures that run the real gateway inside a test suite (entry point ``pytest11``)."""
