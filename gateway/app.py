@@ -1,0 +1,376 @@
+"""The supervisor: one root nursery that owns every task of a gateway.
+
+Nursery tree::
+
+    run_gateway (root nursery)
+    ├── embedded redis-server child            (only without REDIS_URL, D18)
+    └── _serve (services nursery)
+        ├── broadcast workers ×N               (memory channel of Jobs)
+        ├── stream consumer                    (XREADGROUP, ack after routing)
+        ├── pub/sub reader                     (PSUBSCRIBE)
+        ├── catch-up writer                    (pipelined stream appends)
+        ├── heartbeat sweeper, revalidator
+        ├── listener                           (accept loop, own cancel scope)
+        └── connections nursery                (one task per TCP connection)
+
+Shutdown (D7) is: stop the listener, queue a 1012 close on every socket, wait until they are gone
+(bounded by ``shutdown_timeout``), then cancel the root scope. Stream entries that were read but
+not yet acknowledged simply stay pending for the next start.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import coredis
+import trio
+
+from gateway import closecodes
+from gateway.auth import allowed_origins
+from gateway.breaker import BreakerState, CircuitBreaker
+from gateway.broadcast import Broadcaster, Job
+from gateway.catchup import CatchupStore
+from gateway.connection import Connection
+from gateway.dedup import Deduper
+from gateway.index import ConnectionIndex
+from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
+from gateway.metrics import Metrics
+from gateway.model import Principal
+from gateway.redis_server import run_embedded_redis
+from gateway.sectors import SectorSource
+from gateway.server import check_revoked, handle_tcp
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+_BREAKER_LEVEL = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+@attrs.define(eq=False)
+class Gateway:
+    """Shared state of one running gateway, wired by the supervisor (no globals)."""
+
+    settings: Settings
+    redis: coredis.Redis[bytes]
+    metrics: Metrics = attrs.Factory(Metrics)
+    index: ConnectionIndex[Connection] = attrs.Factory(ConnectionIndex)
+    sockets: set[Connection] = attrs.Factory(set)
+    origins: frozenset[str] = frozenset()
+    draining: bool = False
+    redis_healthy: bool = False
+    started_at: float = attrs.Factory(time.monotonic)
+    port: int = 0
+    stop_requested: trio.Event = attrs.Factory(trio.Event)
+    legacy: dict[str, int] = attrs.Factory(lambda: {"limit": 0, "rate_limit": 0, "auth": 0})
+    redis_breaker: CircuitBreaker = attrs.field(init=False)
+    pubsub_breaker: CircuitBreaker = attrs.field(init=False)
+    broadcaster: Broadcaster = attrs.field(init=False)
+    catchup: CatchupStore = attrs.field(init=False)
+    sectors: SectorSource = attrs.field(init=False)
+    stream_consumer: StreamConsumer = attrs.field(init=False)
+    jobs: trio.MemorySendChannel[Job] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.origins = allowed_origins(self.settings.allowed_origins)
+        self.redis_breaker = self._breaker("redis")
+        self.pubsub_breaker = self._breaker("pubsub")
+        self.catchup = CatchupStore(self)
+        self.broadcaster = Broadcaster(
+            index=self.index,
+            metrics=self.metrics,
+            deduper=Deduper(self.settings.dedup_window, self.settings.dedup_ts_tolerance),
+            on_delivered=self.catchup.add,
+        )
+        self.sectors = SectorSource(self)
+        self.stream_consumer = StreamConsumer(self)
+
+    def _breaker(self, name: str) -> CircuitBreaker:
+        def transition(name: str, old: BreakerState, new: BreakerState) -> None:
+            self.metrics.breaker_state.labels(name).set(_BREAKER_LEVEL[new])
+            self.metrics.breaker_transitions.labels(name, new.value).inc()
+            log.warning("circuit breaker %s: %s -> %s", name, old.value, new.value)
+
+        self.metrics.breaker_state.labels(name).set(0)
+        return CircuitBreaker(name=name, clock=trio.current_time, on_transition=transition)
+
+    # --- Redis health (D17) -------------------------------------------------------------------
+    def redis_ok(self, breaker: CircuitBreaker) -> None:
+        breaker.record_success()
+        if not self.redis_healthy:
+            log.info("redis reachable")
+        self.redis_healthy = True
+        self.metrics.redis_up.set(1)
+
+    def redis_failed(self, breaker: CircuitBreaker, path: str, exc: BaseException) -> None:
+        breaker.record_failure()
+        self.metrics.redis_errors.labels(path).inc()
+        if self.redis_healthy:
+            log.warning("redis unreachable", extra={"path": path, "error": type(exc).__name__})
+        self.redis_healthy = False
+        self.metrics.redis_up.set(0)
+
+    async def probe_redis(self) -> dict[str, Any]:
+        """A PING plus the consumer group's lag and pending count, for the detailed health page."""
+        out: dict[str, Any] = {"ok": False, "breaker": self.redis_breaker.stats(),
+                               "pubsub_breaker": self.pubsub_breaker.stats()}
+        try:
+            with trio.fail_after(2.0):
+                started = trio.current_time()
+                await self.redis.ping()
+                out["latency_ms"] = round((trio.current_time() - started) * 1000, 2)
+                out["ok"] = True
+                groups = await self.redis.xinfo_groups(self.settings.stream)
+                for group in groups:
+                    name = group.get(b"name") or group.get("name")
+                    if name in (self.settings.consumer_group, self.settings.consumer_group.encode()):
+                        out["consumer_group"] = self.settings.consumer_group
+                        out["pending"] = group.get(b"pending", group.get("pending"))
+                        out["lag"] = group.get(b"lag", group.get("lag"))
+        except Exception as exc:
+            if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
+                raise
+            out["error"] = type(exc).__name__
+        if not self.redis_healthy and out["ok"]:
+            out["ok"] = self.pubsub_breaker.state is not BreakerState.OPEN
+        return out
+
+    async def append_to_stream(self, payload: bytes) -> str | None:
+        if not self.redis_breaker.allow():
+            return None
+        try:
+            entry_id = await self.redis.xadd(self.settings.stream, {"data": payload}, max_len=50000, approximate=True)
+        except Exception as exc:
+            if not is_redis_failure(exc):
+                raise
+            self.redis_failed(self.redis_breaker, "publish", exc)
+            return None
+        self.redis_ok(self.redis_breaker)
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    # --- statistics ---------------------------------------------------------------------------
+    def count_rejection(self, reason: str) -> None:
+        if reason == "limit_total":
+            self.legacy["limit"] += 1
+        elif reason not in ("limit_user", "limit_session", "draining", "redis_unavailable"):
+            self.legacy["auth"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        s = self.index.stats()
+        total = s["total_connections"]
+        cap = self.settings.max_total_connections
+        rate_limited = int(self.metrics.frames_rejected.labels("rate_limited")._value.get())
+        return {
+            **s,
+            "max_connections": cap,
+            "utilization_percent": round(total / cap * 100, 1),
+            "rate_limiter_tracked": total,
+            "branch_locks_count": 0,
+            "user_locks_count": 0,
+            "dead_connections_pending": len(self.sockets) - total,
+            "heartbeat_stats": self.heartbeat_stats(),
+            "metrics": {
+                "broadcasts_total": self.broadcaster.delivered_events,
+                "broadcasts_failed": 0,
+                "broadcasts_failed_recipients": int(self.metrics.slow_consumer_closes._value.get()),
+                "broadcasts_rate_limited": 0,
+                "connections_rejected_limit": self.legacy["limit"],
+                "connections_rejected_rate_limit": rate_limited,
+                "connections_rejected_auth": self.legacy["auth"],
+                "connections_timeouts": int(self.metrics.closes.labels("1001")._value.get()),
+                "events_processed": self.broadcaster.delivered_events,
+                "events_dropped": self.broadcaster.duplicate_events,
+                "events_invalid_schema": int(sum(
+                    m.samples[0].value for m in []  # replaced below
+                )) or self._invalid_events(),
+                "events_callback_timeouts": 0,
+                "locks_cleaned": 0,
+            },
+        }
+
+    def _invalid_events(self) -> int:
+        total = 0.0
+        for metric in self.metrics.events_invalid.collect():
+            for sample in metric.samples:
+                total += sample.value
+        return int(total)
+
+    def heartbeat_stats(self) -> dict[str, Any]:
+        now = trio.current_time()
+        ages = [now - c.last_seen for c in self.index]
+        return {
+            "tracked_connections": len(ages),
+            "timeout_seconds": self.settings.heartbeat_timeout,
+            "oldest_heartbeat_age": round(max(ages), 1) if ages else 0,
+            "newest_heartbeat_age": round(min(ages), 1) if ages else 0,
+            "average_heartbeat_age": round(sum(ages) / len(ages), 1) if ages else 0,
+        }
+
+    def subscriber_stats(self) -> dict[str, Any]:
+        return {
+            "events_delivered": self.broadcaster.delivered_events,
+            "events_duplicate": self.broadcaster.duplicate_events,
+            "stream_processed": self.stream_consumer.processed,
+            "stream_last_id": self.stream_consumer.last_id,
+            "circuit_breaker": self.redis_breaker.stats(),
+            "pubsub_circuit_breaker": self.pubsub_breaker.stats(),
+        }
+
+    # --- sector refresh -----------------------------------------------------------------------
+    async def refresh_sectors(self, conn: Connection) -> str:
+        """``refresh_sectors`` on /ws/waiter: look again (no cache), re-target at once, reply (§3.2)."""
+        principal = conn.principal
+        if principal is None or conn not in self.index:
+            return "sectors_updated:"
+        updated = await self.sectors.assign(principal, refresh=True)
+        if conn in self.index:
+            self.index.update_sectors(conn, updated.sector_ids)
+            conn.principal = updated
+        return "sectors_updated:" + ",".join(str(s) for s in sorted(updated.sector_ids))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def drain(self) -> None:
+        """Stop taking sockets, close every one with 1012, wait (bounded) until they are gone."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info("draining", extra={"sockets": len(self.sockets)})
+        for conn in list(self.sockets):
+            conn.begin_close(closecodes.SERVER_RESTART)
+        with trio.move_on_after(self.settings.shutdown_timeout):
+            while self.sockets:
+                await trio.sleep(0.02)
+
+
+async def heartbeat_sweeper(gw: Gateway) -> None:
+    """Close sockets that sent nothing for ``heartbeat_timeout`` seconds (1001, D6)."""
+    timeout = gw.settings.heartbeat_timeout
+    while True:
+        await trio.sleep(gw.settings.heartbeat_sweep_interval)
+        cutoff = trio.current_time() - timeout
+        for conn in [c for c in gw.index if c.last_seen < cutoff]:
+            log.info("heartbeat timeout: closing", extra=conn.log_context())
+            conn.begin_close(closecodes.HEARTBEAT_TIMEOUT)
+
+
+async def revalidator(gw: Gateway) -> None:
+    """Re-check credentials of open sockets when due (D3): staff revocation keys in one MGET per
+    round, diner table tokens re-verified. A Redis failure leaves sockets open (D4)."""
+    from gateway.auth import AuthError, recheck_table_principal
+
+    settings = gw.settings
+    tick = min(5.0, settings.jwt_revalidation_interval, settings.table_token_revalidation_interval)
+    while True:
+        await trio.sleep(tick)
+        now = trio.current_time()
+        due = [c for c in gw.index if c.next_check <= now and not c.closing]
+        staff = [c for c in due if c.principal is not None and not c.principal.is_diner]
+        for conn in due:
+            principal = conn.principal
+            if principal is None or not principal.is_diner:
+                continue
+            conn.next_check = now + settings.table_token_revalidation_interval
+            try:
+                recheck_table_principal(principal, conn.token, secret=settings.table_token_secret, now=time.time())
+            except AuthError as exc:
+                log.info("table token no longer valid: closing", extra=conn.log_context())
+                conn.begin_close(exc.close)
+        for start in range(0, len(staff), 1000):
+            chunk = staff[start : start + 1000]
+            principals: Sequence[Principal] = [c.principal for c in chunk if c.principal is not None]
+            revoked = await check_revoked(gw, principals)
+            if revoked is None:
+                continue
+            for conn, is_revoked in zip(chunk, revoked, strict=True):
+                conn.next_check = trio.current_time() + settings.jwt_revalidation_interval
+                if is_revoked and not conn.closing:
+                    log.info("token revoked: closing", extra=conn.log_context())
+                    conn.begin_close(closecodes.TOKEN_EXPIRED_OR_REVOKED)
+
+
+async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
+                  task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    with scope:
+        listeners = await trio.open_tcp_listeners(gw.settings.port, host=gw.settings.host or None)
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(port)
+        await trio.serve_listeners(functools.partial(handle_tcp, gw), listeners, handler_nursery=conns)
+
+
+async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
+    client = make_client(url)
+    async with client, trio.open_nursery() as services:
+        send, receive = trio.open_memory_channel[Job](settings.broadcast_queue_size)
+        gw = Gateway(settings=settings, redis=client)
+        gw.jobs = send
+        async with receive:
+            for _ in range(settings.broadcast_workers):
+                services.start_soon(gw.broadcaster.worker, receive.clone())
+        services.start_soon(gw.stream_consumer.run, send.clone())
+        services.start_soon(PubSubReader(gw).run, send.clone())
+        services.start_soon(gw.catchup.writer)
+        services.start_soon(heartbeat_sweeper, gw)
+        services.start_soon(revalidator, gw)
+        if settings.origin_bypass_active:
+            log.warning("development mode: sockets without an Origin header are accepted (set PRODUCTION_CHECK=1 "
+                        "or ENVIRONMENT to disable)")
+        async with trio.open_nursery() as conns:
+            listen_scope = trio.CancelScope()
+            gw.port = await services.start(_listen, gw, conns, listen_scope)
+            log.info("listening", extra={"host": settings.host, "port": gw.port, "instance": settings.instance_id})
+            task_status.started(gw)
+            await gw.stop_requested.wait()
+            listen_scope.cancel()
+            await gw.drain()
+            conns.cancel_scope.cancel()
+        services.cancel_scope.cancel()
+
+
+async def run_gateway(settings: Settings, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a gateway until ``gateway.request_stop()``; reports the running Gateway via task_status."""
+    async with trio.open_nursery() as root:
+        url = settings.redis_url
+        if url is None:
+            url = await root.start(functools.partial(run_embedded_redis, data_dir=settings.redis_data_dir))
+            log.info("embedded redis-server started")
+        await _serve(settings, url, task_status)
+        root.cancel_scope.cancel()
+
+
+async def run_until_signalled(settings: Settings) -> None:
+    """The daemon: SIGTERM/SIGINT drains (D7); a second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            gw: Gateway = await nursery.start(run_gateway, settings)
+
+            async def watch() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    log.info("signal received", extra={"signal": signal.Signals(signum).name})
+                    if count == 1:
+                        gw.request_stop()
+                    else:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            await _wait_done(nursery, gw)
+
+
+async def _wait_done(nursery: trio.Nursery, gw: Gateway) -> None:
+    # run_gateway returns after a drain; then the signal watcher must go too.
+    await gw.stop_requested.wait()
+    while nursery.child_tasks and len(nursery.child_tasks) > 1:
+        await trio.sleep(0.05)
+    nursery.cancel_scope.cancel()
+
+
+

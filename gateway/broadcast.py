@@ -1,0 +1,88 @@
+"""Fan-out: one validated event in, one encoded frame out to each member of its audience.
+
+Redis readers and the publish API put :class:`Job` objects on a bounded memory channel; broadcast
+workers take them and call :meth:`Broadcaster.dispatch`. ``dispatch`` is synchronous (it never
+checkpoints), so jobs complete in the order they were received whatever the number of workers,
+each socket sees events in publish order, and the index and dedup state need no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from gateway.dedup import Deduper
+from gateway.frames import text_frame
+from gateway.routing import audience
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+    from gateway.index import ConnectionIndex
+    from gateway.metrics import Metrics
+    from gateway.model import Event
+
+log = logging.getLogger("gateway.broadcast")
+
+
+@attrs.define(eq=False)
+class Job:
+    event: Event
+    source: str
+    #: ``trio.current_time()`` when the event was read, for the delivery latency histogram.
+    received_at: float
+    #: Called with True once the event reached its sockets' send queues (the stream acknowledges
+    #: it then), or with False when routing raised (the entry stays pending and is retried).
+    on_done: Callable[[bool], None] | None = None
+
+
+@attrs.define(eq=False)
+class Broadcaster:
+    index: ConnectionIndex[Connection]
+    metrics: Metrics
+    deduper: Deduper
+    #: Called with every delivered logical event (catch-up store, statistics).
+    on_delivered: Callable[[Event], None] | None = None
+    delivered_events: int = 0
+    duplicate_events: int = 0
+
+    def dispatch(self, job: Job) -> int:
+        """Deliver ``job.event`` to its audience; returns the number of frames handed over."""
+        event = job.event
+        now = trio.current_time()
+        if not self.deduper.first_sighting(event.dedup_key, event.ts_epoch, now):
+            self.duplicate_events += 1
+            self.metrics.events_duplicate.labels(job.source).inc()
+            return 0
+        targets = audience(event, self.index)
+        self.metrics.events_routed.labels(job.source).inc()
+        self.delivered_events += 1
+        if self.on_delivered is not None:
+            self.on_delivered(event)
+        if not targets:
+            self.metrics.events_unrouted.inc()
+            return 0
+        frame = text_frame(event.frame_payload)
+        sent = 0
+        for conn in targets:
+            if conn.deliver(frame):
+                sent += 1
+        self.metrics.frames_delivered.inc(sent)
+        self.metrics.delivery_latency.observe(trio.current_time() - job.received_at)
+        return sent
+
+    async def worker(self, jobs: trio.MemoryReceiveChannel[Job]) -> None:
+        async for job in jobs:
+            try:
+                self.dispatch(job)
+            except Exception:
+                # A routing bug must not take the worker (and every socket's feed) down.
+                log.exception("dispatch failed", extra={"event_type": job.event.type})
+                ok = False
+            else:
+                ok = True
+            if job.on_done is not None:
+                job.on_done(ok)

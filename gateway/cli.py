@@ -1,0 +1,243 @@
+"""Command line: ``gateway serve | token | publish | config-doc``.
+
+Every ``serve`` flag is generated from the settings class, so ``gateway serve --help``,
+the environment variables and ``docs/configuration.md`` always agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.settings import Settings, SettingsError, settings_fields
+
+EXIT_CONFIG = 2
+
+_SERVE_EPILOG = """examples:
+  gateway serve                              embedded Redis, port 8001 (WS_GATEWAY_PORT)
+  gateway serve --port 9001 --host 127.0.0.1
+  REDIS_URL=redis://127.0.0.1:6379/0 JWT_SECRET=... ENVIRONMENT=production gateway serve
+"""
+_TOKEN_EPILOG = """examples:
+  gateway token staff --user 7 --tenant 1 --branch 2 --role WAITER
+  gateway token staff --user 1 --tenant 1 --branch 2 --branch 3 --role ADMIN --ttl 3600
+  gateway token table --tenant 1 --branch 2 --table 5 --session 9
+  gateway token table --tenant 1 --branch 2 --table 5 --session 9 --legacy
+"""
+_PUBLISH_EPILOG = """examples:
+  gateway publish --type ROUND_READY --tenant 1 --branch 2 --table 5 --session 9 --entity '{"round_id": 3}'
+  echo '{"type":"ENTITY_UPDATED","tenant_id":1,"branch_id":0}' | gateway publish -
+  gateway publish --channel branch:2:waiters --type TABLE_SESSION_STARTED --tenant 1 --branch 2
+Without --channel the event is appended to the critical stream (XADD ... data <json>), as the
+backend's stream publishers do; with --channel it is PUBLISHed to that pub/sub channel.
+"""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each overrides its environment variable)")
+    for field in settings_fields():
+        meta = field.metadata
+        if meta["secret"]:
+            continue  # secrets only through the environment: never in argv / ps output
+        default = "host name" if field.name == "instance_id" else field.default
+        help_text = f"{meta['help']} [env {meta['env']}; default {default!r}]"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text, "metavar": "VALUE"}
+        if meta["choices"]:
+            kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+        group.add_argument(_flag(field.name), **kwargs)
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in settings_fields() if not f.metadata["secret"]}
+    return Settings.from_env(**overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.app import run_until_signalled
+    from gateway.logs import setup_logging
+
+    settings = _settings_from(args)
+    setup_logging(settings.log_level, settings.log_format, settings.environment)
+    trio.run(run_until_signalled, settings)
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from gateway import tokens
+
+    settings = _settings_from(argparse.Namespace())
+    if args.kind == "staff":
+        token = tokens.mint_staff_token(
+            secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+            user_id=args.user, tenant_id=args.tenant, branch_ids=args.branch or [], roles=args.role or ["WAITER"],
+            ttl=args.ttl, sector_ids=args.sector or None, token_type=args.type,
+        )
+    else:
+        mint = tokens.mint_legacy_table_token if args.legacy else tokens.mint_table_token
+        token = mint(secret=settings.table_token_secret, tenant_id=args.tenant, branch_id=args.branch,
+                     table_id=args.table, session_id=args.session, ttl=args.ttl)
+    print(token)
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.events import InvalidEvent, encode_envelope, envelope, parse_event
+
+    if args.source == "-":
+        payload = sys.stdin.buffer.read().strip()
+    else:
+        if args.type is None or args.tenant is None:
+            print("gateway publish: --type and --tenant are required (or pass - to read JSON from stdin)",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            entity = json.loads(args.entity) if args.entity else None
+            actor = json.loads(args.actor) if args.actor else None
+        except ValueError as exc:
+            print(f"gateway publish: --entity/--actor must be JSON objects: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        payload = encode_envelope(envelope(
+            args.type, args.tenant, args.branch or 0, table_id=args.table, session_id=args.session,
+            sector_id=args.sector, entity=entity, actor=actor,
+        ))
+    settings = _settings_from(argparse.Namespace())
+    try:
+        parse_event(payload, max_size=settings.max_message_size)
+    except InvalidEvent as exc:
+        print(f"gateway publish: invalid event: {exc.reason}", file=sys.stderr)
+        return 1
+    url = args.redis_url or settings.redis_url
+    if not url:
+        print("gateway publish: set REDIS_URL or --redis-url (the Redis the gateway reads)", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def send() -> str:
+        from gateway.ingest import make_client
+
+        client = make_client(url)
+        async with client:
+            if args.channel:
+                receivers = await client.publish(args.channel, payload)
+                return f"published to {args.channel} ({receivers} subscribers)"
+            entry = await client.xadd(settings.stream, {"data": payload}, max_len=50000, approximate=True)
+            return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
+
+    print(trio.run(send))
+    return 0
+
+
+def _cmd_config_doc(args: argparse.Namespace) -> int:
+    sys.stdout.write(configuration_markdown())
+    return 0
+
+
+def configuration_markdown() -> str:
+    """``docs/configuration.md``, generated from the settings class."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated by `gateway config-doc` from the settings class; a test fails when this page is stale.",
+        "Every setting is read from its environment variable; `gateway serve` also takes the flag",
+        "(flags win). Secrets are read from the environment only. An invalid value stops start-up",
+        "with exit code 2 and a message naming the variable.",
+        "",
+        "| Environment variable | Flag | Default | Valid values | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for field in settings_fields():
+        meta = field.metadata
+        default = "host name" if field.name == "instance_id" else field.default
+        if meta["secret"] and default:
+            default = f"`{default}` (development only)"
+        elif default in (None, ()):
+            default = "unset"
+        else:
+            default = f"`{default}`"
+        if meta["choices"]:
+            valid = ", ".join(f"`{c}`" for c in meta["choices"])
+        elif meta["minimum"] is not None:
+            valid = f"{meta['minimum']} – {meta['maximum']}"
+        elif str(field.type) == "bool":
+            valid = "1/0, true/false, yes/no, on/off"
+        else:
+            valid = "text"
+        flag = "(environment only)" if meta["secret"] else f"`{_flag(field.name)}`"
+        lines.append(f"| `{meta['env']}` | {flag} | {default} | {valid} | {meta['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Integrador real-time WebSocket gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway", epilog=_SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Run the gateway. Without REDIS_URL it starts a private redis-server child.")
+    _add_setting_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    token = sub.add_parser("token", help="mint a development token with the configured secrets",
+                           epilog=_TOKEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = token.add_subparsers(dest="kind", required=True)
+    staff = kinds.add_parser("staff", help="staff JWT (Dashboard, pwaWaiter)", epilog=_TOKEN_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    staff.add_argument("--user", type=int, required=True)
+    staff.add_argument("--tenant", type=int, required=True)
+    staff.add_argument("--branch", type=int, action="append", help="repeat for several branches")
+    staff.add_argument("--role", action="append", choices=["WAITER", "KITCHEN", "MANAGER", "ADMIN"],
+                       help="repeat for several roles (default WAITER)")
+    staff.add_argument("--sector", type=int, action="append", help="sector_ids claim; repeat for several")
+    staff.add_argument("--ttl", type=float, default=900, help="seconds (default 900)")
+    staff.add_argument("--type", default="access", choices=["access", "refresh"])
+    staff.set_defaults(func=_cmd_token)
+    table = kinds.add_parser("table", help="table token (pwaMenu)", epilog=_TOKEN_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("tenant", "branch", "table", "session"):
+        table.add_argument(f"--{name}", type=int, required=True)
+    table.add_argument("--ttl", type=float, default=10800, help="seconds (default 10800)")
+    table.add_argument("--legacy", action="store_true", help="the six-field HMAC format instead of a JWT")
+    table.set_defaults(func=_cmd_token)
+
+    publish = sub.add_parser("publish", help="publish one event envelope", epilog=_PUBLISH_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_argument("source", nargs="?", help="- to read the envelope JSON from stdin")
+    publish.add_argument("--type")
+    publish.add_argument("--tenant", type=int)
+    publish.add_argument("--branch", type=int)
+    publish.add_argument("--table", type=int)
+    publish.add_argument("--session", type=int)
+    publish.add_argument("--sector", type=int)
+    publish.add_argument("--entity", help="JSON object")
+    publish.add_argument("--actor", help="JSON object")
+    publish.add_argument("--channel", help="PUBLISH to this channel instead of appending to the stream")
+    publish.add_argument("--redis-url", help="default: REDIS_URL")
+    publish.set_defaults(func=_cmd_publish)
+
+    doc = sub.add_parser("config-doc", help="print docs/configuration.md")
+    doc.set_defaults(func=_cmd_config_doc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+

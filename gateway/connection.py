@@ -1,0 +1,346 @@
+"""One accepted WebSocket: its write path, its read loop and its closing sequence.
+
+Write path. Event frames are encoded once per event (``gateway.frames``) and the same ``bytes``
+object is handed to every recipient through :meth:`Connection.deliver`, which is synchronous: when
+nothing is queued it writes straight to the socket (no task wake-up), otherwise it appends to a
+bounded queue that the connection's writer task flushes with ``writev``. The writer never removes
+a frame before the kernel took all of it, so "queue empty" means "safe to write directly", and the
+exact byte position inside the queue is always known: a close frame can follow a partly written
+frame without corrupting the stream. A queue that grows past its byte limit marks a slow consumer:
+pending frames are dropped and the socket is closed 1013 without delaying anyone else.
+
+Only incoming data goes through wsproto; outgoing frames are ours (``gateway.frames``), so wsproto
+never sees what we send and the close handshake is tracked here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+from wsproto import ConnectionState, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from gateway import closecodes, frames
+from gateway.closecodes import Close
+from gateway.ratelimit import SlidingWindow
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.model import Principal
+
+log = logging.getLogger("gateway.connection")
+
+_RECV_SIZE = 65536
+_IOV_MAX = 512
+#: How long the closing handshake may take once our close frame is queued.
+CLOSE_TIMEOUT = 5.0
+_JSON_PING = '{"type":"ping"}'
+
+_ids = itertools.count(1)
+
+#: Called for ``refresh_sectors``; returns the reply text.
+RefreshSectors = Callable[["Connection"], Awaitable[str]]
+
+
+class Connection:
+    """An accepted socket. ``deliver`` and ``begin_close`` are safe to call from any task."""
+
+    __slots__ = (
+        "_limiter",
+        "_lot",
+        "_max_message",
+        "_max_queue",
+        "_text_len",
+        "_text_parts",
+        "_writer_done",
+        "close_code",
+        "closing",
+        "direct",
+        "endpoint",
+        "fd",
+        "head_sent",
+        "id",
+        "last_seen",
+        "metrics",
+        "next_check",
+        "out",
+        "out_bytes",
+        "peer_closed",
+        "principal",
+        "refresh_sectors",
+        "scope",
+        "stream",
+        "token",
+        "transport_dead",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        endpoint: str,
+        *,
+        metrics: Metrics,
+        max_queue_bytes: int,
+        max_message: int,
+        rate_limit: int,
+        rate_window: float,
+        direct_write: bool,
+    ) -> None:
+        self.id = next(_ids)
+        self.stream = stream
+        self.fd = stream.socket.fileno()
+        self.ws = ws
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.principal: Principal | None = None
+        self.token = ""
+        self.out: deque[bytes] = deque()
+        self.head_sent = 0
+        self.out_bytes = 0
+        self._max_queue = max_queue_bytes
+        self._max_message = max_message
+        self._writer_done = trio.Event()
+        self._lot = trio.lowlevel.ParkingLot()
+        self.direct = direct_write
+        self.closing = False
+        self.close_code: Close | None = None
+        self.peer_closed = False
+        self.transport_dead = False
+        self.scope = trio.CancelScope()
+        self.last_seen = trio.current_time()
+        self.next_check = float("inf")
+        self._limiter = SlidingWindow(rate_limit, rate_window)
+        self._text_parts: list[str] = []
+        self._text_len = 0
+        self.refresh_sectors: RefreshSectors | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.endpoint}>"
+
+    def log_context(self) -> dict[str, object]:
+        """Who this socket is, for log lines (never the token)."""
+        p = self.principal
+        ctx: dict[str, object] = {"conn": self.id, "endpoint": self.endpoint}
+        if p is not None:
+            ctx.update(tenant=p.tenant_id, branches=sorted(p.branch_ids), user=p.user_id)
+        return ctx
+
+    # --- write path ---------------------------------------------------------------------------
+    def deliver(self, frame: bytes) -> bool:
+        """Hand one encoded frame to this socket. Never blocks, never checkpoints."""
+        if self.closing:
+            return False
+        if self.direct and not self.out:
+            try:
+                written = os.write(self.fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._transport_failed()
+                return False
+            if written == len(frame):
+                self.metrics.direct_writes.inc()
+                return True
+            self.head_sent = written
+            self.out.append(frame)
+            self.out_bytes += len(frame) - written
+            self._lot.unpark_all()
+            return True
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        if self.out_bytes > self._max_queue:
+            self.metrics.slow_consumer_closes.inc()
+            log.warning("slow consumer: closing", extra=self.log_context())
+            self.begin_close(closecodes.SLOW_CONSUMER, discard_pending=True)
+            return False
+        self._lot.unpark_all()
+        return True
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a frame of ours (pong, replies) behind whatever is pending."""
+        if self.closing:
+            return
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        self._lot.unpark_all()
+
+    def begin_close(self, close: Close, *, discard_pending: bool = False) -> None:
+        """Queue our close frame and stop the read loop; the connection task finishes the close."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = close
+        self.metrics.closes.labels(str(close.code)).inc()
+        if discard_pending:
+            keep_head = self.head_sent > 0
+            head = self.out[0] if keep_head else b""
+            self.out.clear()
+            self.out_bytes = 0
+            if keep_head:
+                self.out.append(head)
+                self.out_bytes = len(head) - self.head_sent
+            else:
+                self.head_sent = 0
+        frame = frames.close_frame(close.code, close.reason)
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        self._lot.unpark_all()
+        self.scope.cancel()
+
+    def _transport_failed(self) -> None:
+        self.transport_dead = True
+        if not self.closing:
+            self.closing = True
+            self.metrics.closes.labels("1006").inc()
+        self.out.clear()
+        self.out_bytes = 0
+        self._lot.unpark_all()
+        self.scope.cancel()
+
+    def _flush_some(self) -> None:
+        out = self.out
+        iov: list[bytes | memoryview] = [memoryview(out[0])[self.head_sent :]]
+        iov.extend(itertools.islice(out, 1, _IOV_MAX))
+        try:
+            written = os.writev(self.fd, iov)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._transport_failed()
+            return
+        self.out_bytes -= written
+        written += self.head_sent
+        while out and written >= len(out[0]):
+            written -= len(out.popleft())
+        self.head_sent = written
+
+    async def writer(self) -> None:
+        """Flush the queue whenever it is non-empty; return once the close frame is out."""
+        try:
+            while True:
+                if not self.out:
+                    if self.closing or self.transport_dead:
+                        return
+                    await self._lot.park()
+                    continue
+                self._flush_some()
+                if self.out and not self.transport_dead:
+                    await trio.lowlevel.wait_writable(self.stream.socket)
+        finally:
+            self._writer_done.set()
+
+    # --- read path ----------------------------------------------------------------------------
+    async def read_loop(self) -> None:
+        """Read and handle client frames until the client closes or a limit is hit."""
+        while not self.closing:
+            try:
+                data = await self.stream.receive_some(_RECV_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self._transport_failed()
+                return
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                await self._handle(event)
+                if self.closing:
+                    return
+
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, TextMessage):
+            self._text_parts.append(event.data)
+            self._text_len += len(event.data)
+            if self._text_len > self._max_message:
+                self.metrics.frames_rejected.labels("too_large").inc()
+                self.begin_close(closecodes.MESSAGE_TOO_LARGE)
+                return
+            if event.message_finished:
+                text = "".join(self._text_parts) if len(self._text_parts) > 1 else self._text_parts[0]
+                self._text_parts.clear()
+                self._text_len = 0
+                await self._on_text(text)
+        elif isinstance(event, BytesMessage):
+            self.metrics.frames_rejected.labels("binary").inc()
+            self.begin_close(closecodes.BINARY_NOT_SUPPORTED)
+        elif isinstance(event, Ping):
+            self.last_seen = trio.current_time()
+            self.send_control(frames.pong_frame(bytes(event.payload)))
+        elif isinstance(event, Pong):
+            self.last_seen = trio.current_time()
+        elif isinstance(event, CloseConnection):
+            self._on_close_event(event)
+
+    def _on_close_event(self, event: CloseConnection) -> None:
+        if self.ws.state is ConnectionState.REMOTE_CLOSING:
+            # The client started the close: echo its code, as RFC 6455 asks.
+            self.peer_closed = True
+            code = event.code if 1000 <= event.code < 5000 and event.code not in (1005, 1006, 1015) else 1000
+            self.begin_close(Close(code, ""))
+            return
+        # wsproto reports a malformed frame as a close event while the state stays open.
+        if event.code == closecodes.INVALID_UTF8.code:
+            close, reason = closecodes.INVALID_UTF8, "invalid_utf8"
+        elif event.code == closecodes.MESSAGE_TOO_LARGE.code:
+            close, reason = closecodes.MESSAGE_TOO_LARGE, "too_large"
+        else:
+            close, reason = closecodes.PROTOCOL_ERROR, "protocol"
+        self.metrics.frames_rejected.labels(reason).inc()
+        self.begin_close(close)
+
+    async def _on_text(self, text: str) -> None:
+        now = trio.current_time()
+        if not self._limiter.allow(now):
+            self.metrics.frames_rejected.labels("rate_limited").inc()
+            log.info("rate limit exceeded: closing", extra=self.log_context())
+            self.begin_close(closecodes.RATE_LIMITED)
+            return
+        self.last_seen = now
+        if text == "ping" or text == _JSON_PING or _is_json_ping(text):
+            self.metrics.inbound_messages.labels("ping").inc()
+            self.send_control(frames.PONG_TEXT)
+        elif text == "refresh_sectors" and self.refresh_sectors is not None:
+            self.metrics.inbound_messages.labels("refresh_sectors").inc()
+            reply = await self.refresh_sectors(self)
+            self.send_control(frames.text_frame(reply.encode()))
+        else:
+            self.metrics.inbound_messages.labels("other").inc()
+
+    # --- closing ------------------------------------------------------------------------------
+    async def finish_close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """After ``begin_close``: let the writer flush, read until the client's close, then return.
+
+        The caller hangs up afterwards; a client that never answers costs at most ``timeout``.
+        """
+        with trio.move_on_after(timeout):
+            await self._writer_done.wait()
+            while not self.peer_closed and not self.transport_dead:
+                try:
+                    data = await self.stream.receive_some(_RECV_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+                if not data:
+                    return
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, CloseConnection):
+                        self.peer_closed = True
+
+
+def _is_json_ping(text: str) -> bool:
+    # The load test sends {"type":"ping","ts":...}; any JSON object typed "ping" gets a pong (D6).
+    if len(text) > 1024 or not text.startswith("{") or "ping" not in text:
+        return False
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("type") == "ping"

@@ -1,0 +1,299 @@
+"""Redis ingestion: the critical stream through this instance's consumer group, and pub/sub.
+
+Both readers validate every event the same way (``gateway.events``), hand valid ones to the
+broadcast workers and survive any Redis outage: they retry forever with exponential backoff
+behind a circuit breaker, and report Redis health to the gateway (D15, D17).
+
+The stream reader acknowledges a batch only after all its entries reached their sockets' send
+queues, in one pipelined round trip that also carries dead-letter moves. An entry whose routing
+raised stays pending; the recovery pass reclaims it and moves it to the dead-letter stream after
+``MAX_DELIVERIES`` deliveries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import coredis
+import trio
+from coredis.exceptions import RedisError, ResponseError
+
+from gateway.breaker import Backoff
+from gateway.broadcast import Job
+from gateway.events import InvalidEvent, parse_event
+from gateway.logs import RateLimitedLog
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.ingest")
+
+#: §5.1 patterns plus the tenant-wide admin channel (D12).
+PUBSUB_PATTERNS = (
+    "branch:*:waiters",
+    "branch:*:kitchen",
+    "branch:*:admin",
+    "sector:*:waiters",
+    "session:*",
+    "tenant:*:admin",
+)
+MAX_DELIVERIES = 3
+RECLAIM_IDLE_MS = 30_000
+RECLAIM_INTERVAL = 30.0
+
+_invalid_log = RateLimitedLog(log, interval=60.0)
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """True for errors that mean "Redis is unreachable or misbehaving", also inside groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_redis_failure(e) for e in exc.exceptions)
+    return isinstance(exc, RedisError | OSError | TimeoutError | trio.BrokenResourceError | EOFError)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """Completion tracking for one XREADGROUP batch."""
+
+    pending: int
+    done: trio.Event = attrs.Factory(trio.Event)
+    acked: list[Any] = attrs.Factory(list)
+    failed: list[Any] = attrs.Factory(list)
+
+    def callback(self, entry_id: Any) -> Any:
+        def on_done(ok: bool) -> None:
+            (self.acked if ok else self.failed).append(entry_id)
+            self.pending -= 1
+            if self.pending == 0:
+                self.done.set()
+
+        return on_done
+
+
+@attrs.define(eq=False)
+class StreamConsumer:
+    gw: Gateway
+    last_id: str | None = None
+    processed: int = 0
+
+    @property
+    def _group(self) -> str:
+        return self.gw.settings.consumer_group
+
+    @property
+    def _consumer(self) -> str:
+        return self.gw.settings.instance_id
+
+    async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
+        backoff = Backoff(base=1.0, cap=30.0)
+        gw = self.gw
+        breaker = gw.redis_breaker
+        next_reclaim = 0.0
+        group_ready = False
+        while True:
+            if not breaker.allow():
+                await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
+                continue
+            try:
+                if not group_ready:
+                    await self.ensure_group()
+                    group_ready = True
+                if trio.current_time() >= next_reclaim:
+                    await self.reclaim(jobs)
+                    next_reclaim = trio.current_time() + RECLAIM_INTERVAL
+                entries = await gw.redis.xreadgroup(
+                    self._group,
+                    self._consumer,
+                    count=gw.settings.stream_batch,
+                    block=gw.settings.stream_block_ms,
+                    streams={gw.settings.stream: ">"},
+                )
+                gw.redis_ok(breaker)
+                backoff.reset()
+                if entries:
+                    for _stream, items in entries.items():
+                        await self.process(items, jobs)
+            except Exception as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    log.warning("consumer group missing: recreating it", extra={"group": self._group})
+                    group_ready = False
+                    await self.recreate_group()
+                    continue
+                if not is_redis_failure(exc):
+                    raise
+                gw.redis_failed(breaker, "stream", exc)
+                await trio.sleep(backoff.next_delay())
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, "$", mkstream=True)
+            log.info("consumer group created", extra={"group": self._group})
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def recreate_group(self) -> None:
+        """After NOGROUP: resume where this instance stopped, but never before the catch-up window."""
+        window_start_ms = int((time.time() - self.gw.settings.catchup_window) * 1000)
+        start = f"{window_start_ms}-0"
+        if self.last_id is not None and _id_ms(self.last_id) >= window_start_ms:
+            start = self.last_id
+        try:
+            await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def process(self, items: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
+        """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
+        gw = self.gw
+        now = trio.current_time()
+        dead: list[tuple[Any, bytes, str]] = []
+        valid: list[tuple[Any, Any]] = []
+        for item in items:
+            raw = item.field_values.get(b"data", b"")
+            gw.metrics.events_received.labels("stream").inc()
+            try:
+                event = parse_event(raw, max_size=gw.settings.max_message_size)
+            except InvalidEvent as exc:
+                gw.metrics.events_invalid.labels("stream", exc.reason).inc()
+                _invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=exc.reason)
+                dead.append((item.identifier, raw if isinstance(raw, bytes) else b"", f"invalid: {exc.reason}"))
+                continue
+            valid.append((item.identifier, event))
+        batch = _Batch(pending=len(valid))
+        for entry_id, event in valid:
+            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=batch.callback(entry_id)))
+        if valid:
+            await batch.done.wait()
+        if items:
+            self.last_id = _text(items[-1].identifier)
+        await self.finish(batch.acked, dead)
+        self.processed += len(batch.acked)
+
+    async def finish(self, acked: list[Any], dead: list[tuple[Any, bytes, str]]) -> None:
+        gw = self.gw
+        ids = acked + [d[0] for d in dead]
+        if not ids:
+            return
+        async with gw.redis.pipeline(transaction=False) as pipe:
+            for entry_id, raw, error in dead:
+                pipe.xadd(gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), max_len=1000,
+                          approximate=True)
+            pipe.xack(gw.settings.stream, self._group, ids)
+        gw.metrics.stream_acked.inc(len(ids))
+        for _ in dead:
+            gw.metrics.dlq.labels("invalid").inc()
+
+    def _dlq_fields(self, entry_id: Any, raw: bytes, error: str, deliveries: int) -> dict[str, Any]:
+        return {
+            "original_id": _text(entry_id),
+            "original_stream": self.gw.settings.stream,
+            "data": raw,
+            "retry_count": str(deliveries),
+            "failed_at": repr(time.time()),
+            "consumer": self._consumer,
+            "error": error,
+        }
+
+    async def reclaim(self, jobs: trio.MemorySendChannel[Job]) -> None:
+        """Take back entries idle for 30 s (following the cursor to the end); dead-letter the retried."""
+        gw = self.gw
+        cursor: Any = "0-0"
+        while True:
+            result = await gw.redis.xautoclaim(
+                gw.settings.stream, self._group, self._consumer, RECLAIM_IDLE_MS, cursor, count=100
+            )
+            cursor, claimed = result[0], result[1]
+            if claimed:
+                await self._retry_claimed(claimed, jobs)
+            if _text(cursor) == "0-0":
+                return
+
+    async def _retry_claimed(self, claimed: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
+        gw = self.gw
+        first, last = claimed[0].identifier, claimed[-1].identifier
+        pending = await gw.redis.xpending(gw.settings.stream, self._group, start=first, end=last,
+                                          count=len(claimed) + 10)
+        deliveries = {_text(p.identifier): int(p.delivered) for p in pending}
+        retry: list[Any] = []
+        dead: list[tuple[Any, bytes, str]] = []
+        for item in claimed:
+            raw = item.field_values.get(b"data", b"")
+            if deliveries.get(_text(item.identifier), 1) >= MAX_DELIVERIES:
+                dead.append((item.identifier, raw, f"routing failed {MAX_DELIVERIES} times"))
+            else:
+                retry.append(item)
+        if dead:
+            async with gw.redis.pipeline(transaction=False) as pipe:
+                for entry_id, raw, error in dead:
+                    pipe.xadd(gw.settings.dlq_stream,
+                              self._dlq_fields(entry_id, raw, error, deliveries.get(_text(entry_id), 0)),
+                              max_len=1000, approximate=True)
+                pipe.xack(gw.settings.stream, self._group, [d[0] for d in dead])
+            gw.metrics.dlq.labels("retries").inc(len(dead))
+            log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
+        if retry:
+            await self.process(retry, jobs)
+
+
+def _id_ms(entry_id: str) -> int:
+    try:
+        return int(entry_id.split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+@attrs.define(eq=False)
+class PubSubReader:
+    gw: Gateway
+
+    async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
+        gw = self.gw
+        backoff = Backoff(base=1.0, cap=30.0)
+        breaker = gw.pubsub_breaker
+        while True:
+            if not breaker.allow():
+                await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
+                continue
+            try:
+                # Our own retry loop (not coredis') so outages reach the breaker and health.
+                pubsub = gw.redis.pubsub(
+                    patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None
+                )
+                async with pubsub:
+                    gw.redis_ok(breaker)
+                    backoff.reset()
+                    async for message in pubsub:
+                        if message.get("type") != "pmessage":
+                            continue
+                        await self.handle(message.get("data"), jobs)
+                raise ConnectionError("pub/sub connection ended")
+            except Exception as exc:
+                if not is_redis_failure(exc):
+                    raise
+                gw.redis_failed(breaker, "pubsub", exc)
+                await trio.sleep(backoff.next_delay())
+
+    async def handle(self, raw: Any, jobs: trio.MemorySendChannel[Job]) -> None:
+        gw = self.gw
+        gw.metrics.events_received.labels("pubsub").inc()
+        try:
+            event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=gw.settings.max_message_size)
+        except InvalidEvent as exc:
+            gw.metrics.events_invalid.labels("pubsub", exc.reason).inc()
+            _invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
+            return
+        await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))
+
+
+def make_client(url: str) -> coredis.Redis[bytes]:
+    return coredis.Redis.from_url(url, decode_responses=False, connect_timeout=5.0, stream_timeout=10.0)

@@ -1,0 +1,326 @@
+"""The serving layer: one TCP listener, h11 for every request, wsproto for WebSocket upgrades.
+
+Each accepted TCP connection gets one task (in the connections nursery). It reads request heads
+with h11 under a deadline (a cancel scope), answers plain HTTP routes with keep-alive, and hands an
+``Upgrade: websocket`` request for one of the four endpoints to :func:`serve_websocket`, which
+accepts the handshake and only then checks credentials, so that failures reach the client as
+close codes 4001/4003 (D1) instead of an opaque HTTP 403.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+
+from gateway import closecodes
+from gateway.auth import (
+    AuthError,
+    diner_principal,
+    is_revoked,
+    origin_allowed,
+    revocation_keys,
+    staff_principal,
+    verify_staff_token,
+    verify_table_token,
+)
+from gateway.closecodes import Close
+from gateway.connection import Connection
+from gateway.http import Response, handle_http, text_response
+from gateway.logs import redact_target
+from gateway.model import ENDPOINTS, Endpoint, Principal
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.server")
+
+_RECV = 65536
+_WS_PATHS: dict[str, Endpoint] = {f"/ws/{e}": e for e in ENDPOINTS}
+REVOCATION_TIMEOUT = 2.0
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def _has_token(value: bytes | None, token: bytes) -> bool:
+    return value is not None and token in (part.strip().lower() for part in value.split(b","))
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise _ClientGone from None
+            conn.receive_data(data)
+            continue
+        return event
+
+
+async def _send_response(conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+    headers = [
+        (b"content-type", response.content_type.encode()),
+        (b"content-length", str(len(response.body)).encode()),
+        (b"server", b"integrador-ws-gateway"),
+        *response.headers,
+    ]
+    if conn.our_role is h11.SERVER and conn.their_state is not h11.DONE and response.status >= 400:
+        headers.append((b"connection", b"close"))
+    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=response.reason))
+    data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    await stream.send_all(data)
+
+
+async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
+    """One TCP connection: HTTP requests with keep-alive, or one WebSocket."""
+    settings = gw.settings
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+    try:
+        while True:
+            with trio.move_on_after(settings.handshake_timeout) as head_scope:
+                event = await _next_event(conn, stream)
+            if head_scope.cancelled_caught:
+                if conn.their_state is h11.SEND_BODY or conn.client_is_waiting_for_100_continue or _partial(conn):
+                    gw.metrics.http_requests.labels("-", "408").inc()
+                    await _send_response(conn, stream, text_response(408, "Request head not received in time"))
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                return
+            target = event.target.decode("latin-1")
+            path = urlsplit(target).path
+            if _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
+                if event.method != b"GET":
+                    await _send_response(conn, stream, text_response(405, "Method Not Allowed"))
+                    return
+                await serve_websocket(gw, stream, conn, event, _WS_PATHS[path])
+                return
+            body = b""
+            with trio.move_on_after(settings.handshake_timeout) as body_scope:
+                while True:
+                    part = await _next_event(conn, stream)
+                    if isinstance(part, h11.Data):
+                        body += part.data
+                        if len(body) > settings.max_body_bytes:
+                            await _send_response(conn, stream, text_response(413, "Request body too large"))
+                            return
+                    elif isinstance(part, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+            if body_scope.cancelled_caught:
+                await _send_response(conn, stream, text_response(408, "Request body not received in time"))
+                return
+            response = await handle_http(gw, event, path, target, body)
+            await _send_response(conn, stream, response)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+    except h11.RemoteProtocolError as exc:
+        status = exc.error_status_hint
+        gw.metrics.http_requests.labels("-", str(status)).inc()
+        reason = "Request header fields too large" if status == 431 else "Bad request"
+        log.info("bad HTTP request", extra={"status": status})
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                await _send_response(conn, stream, text_response(status, reason))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
+                pass
+    except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+def _partial(conn: h11.Connection) -> bool:
+    # h11 keeps unparsed bytes of an incomplete head in its buffer.
+    return bool(conn.trailing_data[0])
+
+
+async def serve_websocket(
+    gw: Gateway, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint
+) -> None:
+    target = request.target.decode("latin-1")
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.initiate_upgrade_connection(request.headers, request.target)
+        first = next(ws.events(), None)
+        if not isinstance(first, Request):
+            raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
+        accept = ws.send(AcceptConnection())
+    except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
+        gw.metrics.http_requests.labels("websocket", "400").inc()
+        await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"))
+        return
+    await stream.send_all(accept)
+    settings = gw.settings
+    conn = Connection(
+        stream,
+        ws,
+        endpoint,
+        metrics=gw.metrics,
+        max_queue_bytes=settings.send_queue_max_bytes,
+        max_message=settings.max_message_size,
+        rate_limit=settings.message_rate_limit,
+        rate_window=settings.message_rate_window,
+        direct_write=settings.direct_write,
+    )
+    trailing = h11conn.trailing_data[0]
+    if trailing:
+        ws.receive_data(trailing)
+    gw.sockets.add(conn)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.writer)
+            rejection = await admit(gw, conn, target, request.headers)
+            if rejection is None:
+                await run_connection(gw, conn)
+            else:
+                conn.begin_close(rejection)
+            await conn.finish_close()
+            nursery.cancel_scope.cancel()
+    finally:
+        gw.sockets.discard(conn)
+        if conn in gw.index:
+            gw.index.remove(conn)
+            gw.metrics.connections.labels(endpoint).dec()
+        log.debug("socket closed", extra={**conn.log_context(), "code": conn.close_code and conn.close_code.code})
+
+
+def _reject(gw: Gateway, conn: Connection, close: Close, reason: str, target: str) -> Close:
+    gw.metrics.rejections.labels(reason).inc()
+    gw.count_rejection(reason)
+    log.info("socket rejected", extra={**conn.log_context(), "reason": reason, "code": close.code,
+                                        "target": redact_target(target)})
+    return close
+
+
+async def admit(
+    gw: Gateway, conn: Connection, target: str, headers: Sequence[tuple[bytes, bytes]]
+) -> Close | None:
+    """Check the credentials of an accepted socket and register it, or say how to close it."""
+    settings = gw.settings
+    endpoint = conn.endpoint
+    if gw.draining:
+        return _reject(gw, conn, closecodes.SERVER_RESTART, "draining", target)
+    origin_raw = _header(headers, b"origin")
+    origin = origin_raw.decode("latin-1") if origin_raw is not None else None
+    if not origin_allowed(origin, gw.origins, bypass_missing=settings.origin_bypass_active):
+        return _reject(gw, conn, closecodes.ORIGIN_NOT_ALLOWED, "origin", target)
+    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+    param = "table_token" if endpoint == "diner" else "token"
+    values = query.get(param) or [""]
+    token = values[0]
+    if not token:
+        return _reject(gw, conn, closecodes.MISSING_TOKEN, "missing_token", target)
+    now = time.time()
+    try:
+        principal: Principal
+        if endpoint == "diner":
+            table = verify_table_token(token, secret=settings.table_token_secret, now=now)
+            principal = diner_principal(table)
+        else:
+            claims = verify_staff_token(
+                token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now
+            )
+            principal = staff_principal(endpoint, claims)
+    except AuthError as exc:
+        return _reject(gw, conn, exc.close, exc.reason, target)
+    conn.principal = principal
+    if not principal.is_diner:
+        revoked = await check_revoked(gw, [principal])
+        if revoked is None:
+            return _reject(gw, conn, closecodes.TRY_AGAIN_LATER, "redis_unavailable", target)
+        if revoked[0]:
+            return _reject(gw, conn, closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked", target)
+        if principal.is_plain_waiter or endpoint == "waiter":
+            principal = await gw.sectors.assign(principal, refresh=False)
+            conn.principal = principal
+    # From here to index.add there is no checkpoint: the limits cannot be raced.
+    index = gw.index
+    if gw.draining:
+        return _reject(gw, conn, closecodes.SERVER_RESTART, "draining", target)
+    if len(index) >= settings.max_total_connections:
+        return _reject(gw, conn, closecodes.TRY_AGAIN_LATER, "limit_total", target)
+    if principal.is_diner:
+        assert principal.session_id is not None
+        if index.count_session(principal.tenant_id, principal.session_id) >= settings.max_connections_per_session:
+            return _reject(gw, conn, closecodes.TOO_MANY_CONNECTIONS, "limit_session", target)
+    elif index.count_user(principal.tenant_id, principal.user_id) >= settings.max_connections_per_user:
+        return _reject(gw, conn, closecodes.TOO_MANY_CONNECTIONS, "limit_user", target)
+    conn.token = token
+    index.add(conn, principal)
+    gw.metrics.connections.labels(endpoint).inc()
+    gw.metrics.connections_opened.labels(endpoint).inc()
+    interval = settings.table_token_revalidation_interval if principal.is_diner else settings.jwt_revalidation_interval
+    conn.next_check = trio.current_time() + interval
+    if endpoint == "waiter":
+        conn.refresh_sectors = gw.refresh_sectors
+    log.debug("socket registered", extra=conn.log_context())
+    return None
+
+
+async def run_connection(gw: Gateway, conn: Connection) -> None:
+    """Serve a registered socket until it closes; its token's expiry is the read loop's deadline."""
+    principal = conn.principal
+    assert principal is not None
+    remaining = principal.expires_at - time.time()
+    conn.scope.deadline = trio.current_time() + remaining if remaining != float("inf") else float("inf")
+    with conn.scope:
+        await conn.read_loop()
+    if not conn.closing:
+        expired = closecodes.TABLE_TOKEN_EXPIRED if principal.is_diner else closecodes.TOKEN_EXPIRED_OR_REVOKED
+        log.info("token expired: closing", extra=conn.log_context())
+        conn.begin_close(expired)
+
+
+async def check_revoked(gw: Gateway, principals: Sequence[Principal]) -> list[bool] | None:
+    """One MGET for all the principals' revocation keys; None when Redis cannot answer (D4)."""
+    keys: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for p in principals:
+        ks = revocation_keys(p)
+        spans.append((len(keys), len(keys) + len(ks)))
+        keys.extend(ks)
+    if not keys:
+        return [False] * len(principals)
+    breaker = gw.redis_breaker
+    if not breaker.allow():
+        return None
+    values: Sequence[bytes | str | None]
+    try:
+        with trio.fail_after(REVOCATION_TIMEOUT):
+            values = await gw.redis.mget(keys)
+    except Exception as exc:
+        from gateway.ingest import is_redis_failure
+
+        if not is_redis_failure(exc) and not isinstance(exc, trio.TooSlowError):
+            raise
+        gw.redis_failed(breaker, "revocation", exc)
+        return None
+    gw.redis_ok(breaker)
+    return [is_revoked(p, list(values[a:b])) for p, (a, b) in zip(principals, spans, strict=True)]
