@@ -45,10 +45,12 @@ from gateway.model import Principal
 from gateway.redis_server import run_embedded_redis
 from gateway.sectors import SectorSource
 from gateway.server import check_revoked, handle_tcp
+from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
 
+READY_TIMEOUT = 3.0
 _BREAKER_LEVEL = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -67,6 +69,9 @@ class Gateway:
     started_at: float = attrs.Factory(time.monotonic)
     port: int = 0
     stop_requested: trio.Event = attrs.Factory(trio.Event)
+    #: Set once the consumer group exists and the pub/sub patterns are subscribed.
+    stream_ready: trio.Event = attrs.Factory(trio.Event)
+    pubsub_ready: trio.Event = attrs.Factory(trio.Event)
     legacy: dict[str, int] = attrs.Factory(lambda: {"limit": 0, "rate_limit": 0, "auth": 0})
     redis_breaker: CircuitBreaker = attrs.field(init=False)
     pubsub_breaker: CircuitBreaker = attrs.field(init=False)
@@ -144,7 +149,7 @@ class Gateway:
         if not self.redis_breaker.allow():
             return None
         try:
-            entry_id = await self.redis.xadd(self.settings.stream, {"data": payload}, max_len=50000, approximate=True)
+            entry_id = await xadd_capped(self.redis, self.settings.stream, {"data": payload}, STREAM_MAXLEN)
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
@@ -325,6 +330,11 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
             listen_scope = trio.CancelScope()
             gw.port = await services.start(_listen, gw, conns, listen_scope)
             log.info("listening", extra={"host": settings.host, "port": gw.port, "instance": settings.instance_id})
+            # Report ready once Redis ingestion is in place, but never wait long: a gateway whose
+            # Redis is down starts degraded and catches up when Redis appears (D17).
+            with trio.move_on_after(READY_TIMEOUT):
+                await gw.stream_ready.wait()
+                await gw.pubsub_ready.wait()
             task_status.started(gw)
             await gw.stop_requested.wait()
             listen_scope.cancel()

@@ -30,6 +30,7 @@ from gateway.auth import (
 )
 from gateway.events import InvalidEvent, parse_event
 from gateway.model import Event, Principal
+from gateway.redis_ops import xadd_capped
 from gateway.routing import DINER_CATCHUP_TYPES, receives
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class CatchupStore:
         ttl = int(settings.catchup_window) + 1
         for event in events:
             key = catchup_key(event.tenant_id, event.branch_id)
-            pipe.xadd(key, {"data": event.frame_payload}, max_len=settings.catchup_max_events, approximate=False)
+            xadd_capped(pipe, key, {"data": event.frame_payload}, settings.catchup_max_events, approximate=False)
             pipe.expire(key, ttl)
         return len(events)
 

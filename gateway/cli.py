@@ -124,13 +124,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     async def send() -> str:
         from gateway.ingest import make_client
+        from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 
         client = make_client(url)
         async with client:
             if args.channel:
                 receivers = await client.publish(args.channel, payload)
                 return f"published to {args.channel} ({receivers} subscribers)"
-            entry = await client.xadd(settings.stream, {"data": payload}, max_len=50000, approximate=True)
+            entry = await xadd_capped(client, settings.stream, {"data": payload}, STREAM_MAXLEN)
             return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
 
     print(trio.run(send))

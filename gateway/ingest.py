@@ -26,6 +26,7 @@ from gateway.breaker import Backoff
 from gateway.broadcast import Job
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import RateLimitedLog
+from gateway.redis_ops import DLQ_MAXLEN, xadd_capped
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -106,6 +107,7 @@ class StreamConsumer:
                 if not group_ready:
                     await self.ensure_group()
                     group_ready = True
+                    gw.stream_ready.set()
                 if trio.current_time() >= next_reclaim:
                     await self.reclaim(jobs)
                     next_reclaim = trio.current_time() + RECLAIM_INTERVAL
@@ -186,8 +188,7 @@ class StreamConsumer:
             return
         async with gw.redis.pipeline(transaction=False) as pipe:
             for entry_id, raw, error in dead:
-                pipe.xadd(gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), max_len=1000,
-                          approximate=True)
+                xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), DLQ_MAXLEN)
             pipe.xack(gw.settings.stream, self._group, ids)
         gw.metrics.stream_acked.inc(len(ids))
         for _ in dead:
@@ -235,9 +236,9 @@ class StreamConsumer:
         if dead:
             async with gw.redis.pipeline(transaction=False) as pipe:
                 for entry_id, raw, error in dead:
-                    pipe.xadd(gw.settings.dlq_stream,
-                              self._dlq_fields(entry_id, raw, error, deliveries.get(_text(entry_id), 0)),
-                              max_len=1000, approximate=True)
+                    xadd_capped(pipe, gw.settings.dlq_stream,
+                                self._dlq_fields(entry_id, raw, error, deliveries.get(_text(entry_id), 0)),
+                                DLQ_MAXLEN)
                 pipe.xack(gw.settings.stream, self._group, [d[0] for d in dead])
             gw.metrics.dlq.labels("retries").inc(len(dead))
             log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
@@ -270,6 +271,7 @@ class PubSubReader:
                     patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None
                 )
                 async with pubsub:
+                    gw.pubsub_ready.set()
                     gw.redis_ok(breaker)
                     backoff.reset()
                     async for message in pubsub:
