@@ -405,6 +405,7 @@ def staff_principal(endpoint: Endpoint, claims: StaffClaims) -> Principal:
         is_admin=endpoint == "admin" or bool(claims.roles & _ADMIN_ROLES),
         is_kitchen=endpoint == "kitchen",
         sector_ids=claims.sector_ids or frozenset(),
+        sectors_from_claim=claims.sector_ids is not None,
         expires_at=claims.expires_at,
         jti=claims.jti,
         issued_at=claims.issued_at,

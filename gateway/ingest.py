@@ -43,8 +43,7 @@ PUBSUB_PATTERNS = (
     "tenant:*:admin",
 )
 MAX_DELIVERIES = 3
-RECLAIM_IDLE_MS = 30_000
-RECLAIM_INTERVAL = 30.0
+STALE_GROUP_CHECK_INTERVAL = 300.0
 
 _invalid_log = RateLimitedLog(log, interval=60.0)
 
@@ -98,6 +97,7 @@ class StreamConsumer:
         gw = self.gw
         breaker = gw.redis_breaker
         next_reclaim = 0.0
+        next_stale_check = 0.0
         group_ready = False
         while True:
             if not breaker.allow():
@@ -106,11 +106,18 @@ class StreamConsumer:
             try:
                 if not group_ready:
                     await self.ensure_group()
+                    # Entries this instance read but never acknowledged (it crashed or was killed)
+                    # come back first, before new ones.
+                    await self.replay_own_pending(jobs)
                     group_ready = True
                     gw.stream_ready.set()
-                if trio.current_time() >= next_reclaim:
+                now = trio.current_time()
+                if now >= next_reclaim:
                     await self.reclaim(jobs)
-                    next_reclaim = trio.current_time() + RECLAIM_INTERVAL
+                    next_reclaim = now + gw.settings.reclaim_interval
+                if now >= next_stale_check:
+                    await self.remove_stale_groups()
+                    next_stale_check = now + STALE_GROUP_CHECK_INTERVAL
                 entries = await gw.redis.xreadgroup(
                     self._group,
                     self._consumer,
@@ -133,6 +140,40 @@ class StreamConsumer:
                     raise
                 gw.redis_failed(breaker, "stream", exc)
                 await trio.sleep(backoff.next_delay())
+
+    async def replay_own_pending(self, jobs: trio.MemorySendChannel[Job]) -> None:
+        gw = self.gw
+        while True:
+            entries = await gw.redis.xreadgroup(
+                self._group, self._consumer, count=gw.settings.stream_batch, streams={gw.settings.stream: "0"}
+            )
+            items = [item for _s, batch in (entries or {}).items() for item in batch if item.field_values]
+            if not items:
+                return
+            log.info("re-delivering entries left pending by a previous run", extra={"count": len(items)})
+            before = self.processed
+            await self.process(items, jobs)
+            if self.processed == before:
+                return  # routing keeps failing: leave them to the reclaim pass and the DLQ
+
+    async def remove_stale_groups(self) -> None:
+        """Delete other instances' groups whose consumers have all been idle too long (D14)."""
+        gw = self.gw
+        prefix = gw.settings.group_prefix + ":"
+        stale_ms = gw.settings.group_stale_after * 1000
+        try:
+            groups = await gw.redis.xinfo_groups(gw.settings.stream)
+        except ResponseError:
+            return
+        for group in groups:
+            name = _text(group.get(b"name", group.get("name", b"")))  # type: ignore[call-overload]
+            if not name.startswith(prefix) or name == self._group:
+                continue
+            consumers = await gw.redis.xinfo_consumers(gw.settings.stream, name)
+            idle = [int(c.get(b"idle", c.get("idle", 0)) or 0) for c in consumers]  # type: ignore[call-overload]
+            if idle and min(idle) >= stale_ms:
+                await gw.redis.xgroup_destroy(gw.settings.stream, name)
+                log.warning("removed the consumer group of a departed instance", extra={"group": name})
 
     async def ensure_group(self) -> None:
         try:
@@ -187,6 +228,8 @@ class StreamConsumer:
         if not ids:
             return
         async with gw.redis.pipeline(transaction=False) as pipe:
+            # The batch's catch-up appends ride in the same round trip as its acknowledgements.
+            gw.catchup.take_into(pipe)
             for entry_id, raw, error in dead:
                 xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), DLQ_MAXLEN)
             pipe.xack(gw.settings.stream, self._group, ids)
@@ -206,14 +249,19 @@ class StreamConsumer:
         }
 
     async def reclaim(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        """Take back entries idle for 30 s (following the cursor to the end); dead-letter the retried."""
+        """Take back entries idle for ``reclaim_idle`` (following the cursor to the end); entries
+        delivered ``MAX_DELIVERIES`` times go to the dead-letter stream."""
         gw = self.gw
         cursor: Any = "0-0"
+        idle_ms = int(gw.settings.reclaim_idle * 1000)
         while True:
-            result = await gw.redis.xautoclaim(
-                gw.settings.stream, self._group, self._consumer, RECLAIM_IDLE_MS, cursor, count=100
-            )
-            cursor, claimed = result[0], result[1]
+            result = await gw.redis.xautoclaim(gw.settings.stream, self._group, self._consumer, idle_ms, cursor,
+                                               count=100)
+            cursor, claimed = result[0], [c for c in result[1] if c.field_values]
+            deleted = list(result[2]) if len(result) > 2 else []
+            if deleted:
+                # Trimmed from the stream while pending: nothing left to deliver.
+                await gw.redis.xack(gw.settings.stream, self._group, deleted)
             if claimed:
                 await self._retry_claimed(claimed, jobs)
             if _text(cursor) == "0-0":

@@ -27,6 +27,8 @@ class Principal:
     is_admin: bool = False
     is_kitchen: bool = False
     sector_ids: frozenset[int] = frozenset()
+    #: True when ``sector_ids`` came from the token's ``sector_ids`` claim (the first source, §4.7).
+    sectors_from_claim: bool = False
     session_id: int | None = None
     table_id: int | None = None
     #: Unix time at which the credential stops being valid.

@@ -1,22 +1,29 @@
 """Where a waiter's sector assignment comes from (§4.7), behind one interface.
 
-Sources are tried in order and the first that knows the answer wins:
+Sources are tried in order; the first that knows the answer wins:
 
-1. the staff JWT claim ``sector_ids`` (set by the backend when it issues the token);
+1. the staff JWT claim ``sector_ids`` (when the backend puts it in the token);
 2. the Redis set ``waiter:sectors:{tenant_id}:{user_id}`` written by the backend (members are
-   sector ids); a missing key means "no answer here";
-3. PostgreSQL (``waiter_sector_assignment``), only when ``DATABASE_URL`` is set.
+   sector ids; a missing key means "no answer here");
+3. PostgreSQL, the existing table ``waiter_sector_assignment``, only when ``DATABASE_URL`` is set:
+   distinct ``sector_id`` for the waiter and tenant on today's date in ``GATEWAY_SECTOR_TIMEZONE``,
+   ``is_active``. Lookups time out after ``GATEWAY_SECTOR_LOOKUP_TIMEOUT``; successes are cached
+   for ``GATEWAY_SECTOR_CACHE_TTL``; failures are never cached.
 
-No source answering means "no assignment": such a waiter receives every sector-targeted event of
-its branches (D11).
+No answer from any source means "no assignment": such a waiter receives every sector-targeted
+event of its branches (D11). ``refresh_sectors`` bypasses the cache.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
-from typing import TYPE_CHECKING
+import zoneinfo
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
 from gateway.model import Principal
 
@@ -25,26 +32,99 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.sectors")
 
+SECTOR_QUERY = (
+    "SELECT DISTINCT sector_id FROM waiter_sector_assignment "
+    "WHERE waiter_id = %s AND tenant_id = %s AND assignment_date = %s AND is_active IS TRUE"
+)
+_CACHE_MAX = 1000
+
 
 def redis_key(tenant_id: int, user_id: int) -> str:
     return f"waiter:sectors:{tenant_id}:{user_id}"
 
 
+class SectorLookupError(Exception):
+    pass
+
+
+def _query_postgres(url: str, user_id: int, tenant_id: int, day: datetime.date, timeout: float) -> frozenset[int]:
+    import psycopg  # optional dependency: gateway[postgres]
+
+    with psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
+        conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
+        rows = conn.execute(SECTOR_QUERY, (user_id, tenant_id, day)).fetchall()
+    return frozenset(int(r[0]) for r in rows if isinstance(r[0], int) and r[0] > 0)
+
+
 @attrs.define(eq=False)
 class SectorSource:
     gw: Gateway
+    #: (tenant, user) -> (expires_at, sectors), successes only.
+    cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = attrs.Factory(dict)
+    clock: Callable[[], float] = trio.current_time
 
     async def assign(self, principal: Principal, *, refresh: bool) -> Principal:
-        """The principal with its current sector set (``refresh`` bypasses any cache)."""
-        if "WAITER" not in principal.roles:
+        """The principal with its current sector set (``refresh`` bypasses the cache)."""
+        if "WAITER" not in principal.roles or principal.sectors_from_claim:
             return principal
-        sectors = await self.lookup(principal, refresh=refresh)
-        if sectors is None:
-            return principal
-        return attrs.evolve(principal, sector_ids=sectors)
+        sectors = await self.lookup(principal.tenant_id, principal.user_id, refresh=refresh)
+        return attrs.evolve(principal, sector_ids=sectors or frozenset())
 
-    async def lookup(self, principal: Principal, *, refresh: bool) -> frozenset[int] | None:
-        # The JWT claim was already applied when the principal was built.
-        if principal.sector_ids:
-            return principal.sector_ids
-        return None
+    async def lookup(self, tenant_id: int, user_id: int, *, refresh: bool) -> frozenset[int] | None:
+        from_redis = await self._from_redis(tenant_id, user_id)
+        if from_redis is not None:
+            return from_redis
+        if self.gw.settings.database_url is None:
+            return None
+        key = (tenant_id, user_id)
+        now = self.clock()
+        cached = self.cache.get(key)
+        if cached is not None and not refresh and cached[0] > now:
+            return cached[1]
+        try:
+            sectors = await self._from_postgres(tenant_id, user_id)
+        except SectorLookupError as exc:
+            log.warning("sector lookup failed; not cached", extra={"tenant": tenant_id, "user": user_id,
+                                                                  "error": str(exc)})
+            return cached[1] if cached is not None else None
+        if len(self.cache) >= _CACHE_MAX:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[key] = (now + self.gw.settings.sector_cache_ttl, sectors)
+        return sectors
+
+    async def _from_redis(self, tenant_id: int, user_id: int) -> frozenset[int] | None:
+        from gateway.ingest import is_redis_failure
+
+        try:
+            with trio.fail_after(self.gw.settings.sector_lookup_timeout):
+                members: Any = await self.gw.redis.smembers(redis_key(tenant_id, user_id))
+        except Exception as exc:
+            if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
+                raise
+            return None
+        out = set()
+        for m in members or ():
+            try:
+                value = int(m)
+            except (TypeError, ValueError):
+                continue
+            if value > 0:
+                out.add(value)
+        return frozenset(out) if out else None
+
+    async def _from_postgres(self, tenant_id: int, user_id: int) -> frozenset[int]:
+        settings = self.gw.settings
+        assert settings.database_url is not None
+        day = datetime.datetime.now(zoneinfo.ZoneInfo(settings.sector_timezone)).date()
+        timeout = settings.sector_lookup_timeout
+        try:
+            with trio.fail_after(timeout + 0.5):
+                # psycopg's async API is asyncio-only: its sync API runs in a worker thread, which a
+                # timeout abandons (the thread finishes on its own, bounded by statement_timeout).
+                return await trio.to_thread.run_sync(
+                    _query_postgres, settings.database_url, user_id, tenant_id, day, timeout, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            raise SectorLookupError("timed out") from None
+        except Exception as exc:
+            raise SectorLookupError(type(exc).__name__) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import zoneinfo
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -212,11 +213,41 @@ class Settings:
     stream_block_ms: int = setting(
         1000, "GATEWAY_STREAM_BLOCK_MS", "XREADGROUP BLOCK in milliseconds.", minimum=1, maximum=60000,
     )
+    reclaim_idle: float = setting(
+        30.0, "GATEWAY_RECLAIM_IDLE", "Seconds a read but unacknowledged stream entry waits before it is reclaimed.",
+        minimum=0.01, maximum=86400,
+    )
+    reclaim_interval: float = setting(
+        30.0, "GATEWAY_RECLAIM_INTERVAL", "Seconds between passes that reclaim idle pending entries.",
+        minimum=0.01, maximum=86400,
+    )
+    group_stale_after: float = setting(
+        86400.0, "GATEWAY_GROUP_STALE_AFTER",
+        "Consumer groups of other instances idle this long are deleted so they never pin stream memory.",
+        minimum=60, maximum=31536000,
+    )
     catchup_window: float = setting(
         300.0, "GATEWAY_CATCHUP_WINDOW", "Seconds of events kept per branch for catch-up.", minimum=1, maximum=86400,
     )
     catchup_max_events: int = setting(
         100, "GATEWAY_CATCHUP_MAX_EVENTS", "Events kept per branch for catch-up.", minimum=1, maximum=100000,
+    )
+    # --- waiter sectors (§4.7) ----------------------------------------------------------------
+    database_url: str | None = setting(
+        None, "DATABASE_URL",
+        "PostgreSQL with the table waiter_sector_assignment; unset: the database sector source is off.",
+        parse=_parse_optional_str, secret=True,
+    )
+    sector_timezone: str = setting(
+        "UTC", "GATEWAY_SECTOR_TIMEZONE", "Time zone whose local date selects today's sector assignments.",
+    )
+    sector_cache_ttl: float = setting(
+        60.0, "GATEWAY_SECTOR_CACHE_TTL", "Seconds a successful database sector lookup is reused.",
+        minimum=0, maximum=86400,
+    )
+    sector_lookup_timeout: float = setting(
+        2.0, "GATEWAY_SECTOR_LOOKUP_TIMEOUT", "Seconds a sector lookup may take before it counts as failed.",
+        minimum=0.1, maximum=60,
     )
     # --- operations ----------------------------------------------------------------------------
     publish_token: str | None = setting(
@@ -265,6 +296,10 @@ class Settings:
                 raise SettingsError(
                     f"TABLE_TOKEN_SECRET: the default secret is refused when ENVIRONMENT={self.environment}"
                 )
+        try:
+            zoneinfo.ZoneInfo(self.sector_timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise SettingsError(f"GATEWAY_SECTOR_TIMEZONE: unknown time zone {self.sector_timezone!r}") from None
         if not self.instance_id or any(c.isspace() for c in self.instance_id):
             raise SettingsError("GATEWAY_INSTANCE_ID: must be a non-empty name without spaces")
 

@@ -602,6 +602,7 @@ def test_staff_principal_copies_claims() -> None:
         user_id=42,
         branch_ids=frozenset({1, 2}),
         sector_ids=frozenset({4, 5}),
+        sectors_from_claim=True,
         expires_at=NOW + 900,
         jti="abc123",
         issued_at=NOW - 10,
@@ -612,6 +613,7 @@ def test_staff_principal_copies_claims() -> None:
 def test_staff_principal_without_sector_claim_has_no_sectors() -> None:
     principal = staff_principal("waiter", verify_staff(staff_token()))
     assert principal.sector_ids == frozenset()
+    assert not principal.sectors_from_claim
 
 
 def test_staff_principal_refuses_diner_endpoint() -> None:
