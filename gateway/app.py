@@ -42,10 +42,10 @@ from gateway.index import ConnectionIndex
 from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
 from gateway.metrics import Metrics
 from gateway.model import Principal
+from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import run_embedded_redis
 from gateway.sectors import SectorSource
 from gateway.server import check_revoked, handle_tcp
-from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -131,12 +131,12 @@ class Gateway:
                 out["latency_ms"] = round((trio.current_time() - started) * 1000, 2)
                 out["ok"] = True
                 groups = await self.redis.xinfo_groups(self.settings.stream)
+                ours = self.settings.consumer_group.encode()
                 for group in groups:
-                    name = group.get(b"name") or group.get("name")
-                    if name in (self.settings.consumer_group, self.settings.consumer_group.encode()):
+                    if group.get(b"name") == ours:
                         out["consumer_group"] = self.settings.consumer_group
-                        out["pending"] = group.get(b"pending", group.get("pending"))
-                        out["lag"] = group.get(b"lag", group.get("lag"))
+                        out["pending"] = group.get(b"pending")
+                        out["lag"] = group.get(b"lag")
         except Exception as exc:
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
@@ -190,9 +190,7 @@ class Gateway:
                 "connections_timeouts": int(self.metrics.closes.labels("1001")._value.get()),
                 "events_processed": self.broadcaster.delivered_events,
                 "events_dropped": self.broadcaster.duplicate_events,
-                "events_invalid_schema": int(sum(
-                    m.samples[0].value for m in []  # replaced below
-                )) or self._invalid_events(),
+                "events_invalid_schema": self._invalid_events(),
                 "events_callback_timeouts": 0,
                 "locks_cleaned": 0,
             },
@@ -243,14 +241,25 @@ class Gateway:
         self.stop_requested.set()
 
     async def drain(self) -> None:
-        """Stop taking sockets, close every one with 1012, wait (bounded) until they are gone."""
+        """Stop taking sockets and close every one with 1012, spread over ``drain_period`` so the
+        clients' reconnects are spread too; wait (bounded by ``shutdown_timeout``) until all are gone."""
         self.draining = True
         self.metrics.draining.set(1)
-        log.info("draining", extra={"sockets": len(self.sockets)})
-        for conn in list(self.sockets):
-            conn.begin_close(closecodes.SERVER_RESTART)
-        with trio.move_on_after(self.settings.shutdown_timeout):
-            while self.sockets:
+        settings = self.settings
+        conns = list(self.sockets)
+        log.info("draining", extra={"sockets": len(conns), "drain_period": settings.drain_period})
+        with trio.move_on_after(settings.shutdown_timeout):
+            period = min(settings.drain_period, settings.shutdown_timeout * 0.8)
+            step = period / len(conns) if conns else 0.0
+            start = trio.current_time()
+            for i, conn in enumerate(conns):
+                if step:
+                    await trio.sleep_until(start + i * step)
+                conn.begin_close(closecodes.SERVER_RESTART)
+            for conn in list(self.sockets):  # sockets that arrived while draining
+                conn.begin_close(closecodes.SERVER_RESTART)
+            # Polling keeps the shared socket set free of wake-up bookkeeping; it runs only here.
+            while self.sockets:  # noqa: ASYNC110
                 await trio.sleep(0.02)
 
 
@@ -358,29 +367,16 @@ async def run_until_signalled(settings: Settings) -> None:
     """The daemon: SIGTERM/SIGINT drains (D7); a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            gw: Gateway = await nursery.start(run_gateway, settings)
 
-            async def watch() -> None:
-                count = 0
-                async for signum in signals:
-                    count += 1
-                    log.info("signal received", extra={"signal": signal.Signals(signum).name})
-                    if count == 1:
-                        gw.request_stop()
-                    else:
-                        nursery.cancel_scope.cancel()
-                        return
+            async def serve(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+                await run_gateway(settings, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: the signal watcher goes too
 
-            nursery.start_soon(watch)
-            await _wait_done(nursery, gw)
-
-
-async def _wait_done(nursery: trio.Nursery, gw: Gateway) -> None:
-    # run_gateway returns after a drain; then the signal watcher must go too.
-    await gw.stop_requested.wait()
-    while nursery.child_tasks and len(nursery.child_tasks) > 1:
-        await trio.sleep(0.05)
-    nursery.cancel_scope.cancel()
-
-
-
+            gw: Gateway = await nursery.start(serve)
+            async for signum in signals:
+                log.info("signal received", extra={"signal": signal.Signals(signum).name})
+                if gw.stop_requested.is_set():
+                    log.warning("second signal: stopping without waiting for the drain")
+                    nursery.cancel_scope.cancel()
+                    return
+                gw.request_stop()

@@ -254,8 +254,13 @@ class Settings:
         None, "GATEWAY_PUBLISH_TOKEN", "Bearer token of POST /ws/publish. Unset: the endpoint is off.",
         parse=_parse_optional_str, secret=True,
     )
+    drain_period: float = setting(
+        3.0, "GATEWAY_DRAIN_PERIOD",
+        "On SIGTERM, 1012 closes are spread over this many seconds so clients do not all reconnect at once.",
+        minimum=0, maximum=3600,
+    )
     shutdown_timeout: float = setting(
-        10.0, "GATEWAY_SHUTDOWN_TIMEOUT", "Seconds a shutdown may take before remaining sockets are dropped.",
+        10.0, "GATEWAY_SHUTDOWN_TIMEOUT", "Seconds a shutdown may take (drain included) before remaining sockets are dropped.",
         minimum=0.1, maximum=3600,
     )
     log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=_parse_level, choices=LOG_LEVELS)

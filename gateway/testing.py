@@ -30,8 +30,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websoc
 from gateway.app import Gateway, run_gateway
 from gateway.events import encode_envelope, envelope
 from gateway.ingest import make_client
-from gateway.redis_server import RedisConfig, RedisProcess
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
+from gateway.redis_server import RedisConfig, RedisProcess
 from gateway.settings import Settings
 from gateway.tokens import mint_staff_token, mint_table_token
 
@@ -138,7 +138,7 @@ class GatewayHandle:
         if query is None:
             param = "table_token" if endpoint == "diner" else "token"
             query = f"{param}={token}" if token is not None else ""
-        headers = [("Origin", origin)] if origin is not None else []
+        headers = [(b"Origin", origin.encode())] if origin is not None else []
         ws = await connect_websocket_url(self.nursery, f"{self.ws_url}/ws/{endpoint}?{query}",
                                          extra_headers=headers, message_queue_size=message_queue_size)
         return WSClient(ws)
@@ -146,7 +146,7 @@ class GatewayHandle:
     async def connected(self, count: int, within: float = 5.0) -> None:
         """Wait until ``count`` sockets are registered (auth and limits passed)."""
         with trio.fail_after(within):
-            while len(self.gw.index) != count:
+            while len(self.gw.index) != count:  # noqa: ASYNC110 - test helper, bounded by fail_after
                 await trio.sleep(0.01)
 
     async def stop(self) -> None:
