@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from gateway.clientip import parse_networks
+
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
 ENVIRONMENTS = ("development", "test", "staging", "production")
@@ -102,6 +104,11 @@ class Settings:
         (), "ALLOWED_ORIGINS",
         "Comma-separated exact Origin allow-list (WebSocket and CORS). Empty: the 18 development "
         "origins and their https:// forms.",
+        parse=_parse_list,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "GATEWAY_TRUSTED_PROXIES",
+        "Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is believed. Empty: none.",
         parse=_parse_list,
     )
     handshake_timeout: float = setting(
@@ -301,6 +308,10 @@ class Settings:
                 raise SettingsError(
                     f"TABLE_TOKEN_SECRET: the default secret is refused when ENVIRONMENT={self.environment}"
                 )
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"GATEWAY_TRUSTED_PROXIES: {exc}") from None
         try:
             zoneinfo.ZoneInfo(self.sector_timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
