@@ -5,7 +5,7 @@ Nursery tree::
     run_gateway (root nursery)
     ├── embedded redis-server child            (only without REDIS_URL, D18)
     └── _serve (services nursery)
-        ├── broadcast workers ×N               (memory channel of Jobs)
+        ├── broadcast worker                   (memory channel of Jobs)
         ├── stream consumer                    (XREADGROUP, ack after routing)
         ├── pub/sub reader                     (PSUBSCRIBE)
         ├── catch-up writer                    (pipelined stream appends)
@@ -324,9 +324,9 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         send, receive = trio.open_memory_channel[Job](settings.broadcast_queue_size)
         gw = Gateway(settings=settings, redis=client)
         gw.jobs = send
-        async with receive:
-            for _ in range(settings.broadcast_workers):
-                services.start_soon(gw.broadcaster.worker, receive.clone())
+        # One dispatcher: dispatch is synchronous CPU work, so a second task would add no
+        # throughput, and two woken workers may run in either order, which would reorder events.
+        services.start_soon(gw.broadcaster.worker, receive)
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(PubSubReader(gw).run, send.clone())
         services.start_soon(gw.catchup.writer)

@@ -1,9 +1,10 @@
 """Fan-out: one validated event in, one encoded frame out to each member of its audience.
 
-Redis readers and the publish API put :class:`Job` objects on a bounded memory channel; broadcast
-workers take them and call :meth:`Broadcaster.dispatch`. ``dispatch`` is synchronous (it never
-checkpoints), so jobs complete in the order they were received whatever the number of workers,
-each socket sees events in publish order, and the index and dedup state need no locks.
+Redis readers and the publish API put :class:`Job` objects on a bounded memory channel; one
+broadcast worker takes them in order and calls :meth:`Broadcaster.dispatch`. ``dispatch`` is
+synchronous (it never checkpoints), so each socket sees events in the order they were read, and the
+index and dedup state need no locks. It is one task on purpose: the work is CPU-bound on one thread,
+and Trio may run two woken workers in either order, which would reorder events.
 """
 
 from __future__ import annotations

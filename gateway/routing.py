@@ -101,7 +101,10 @@ KITCHEN_TYPES: frozenset[str] = frozenset(
 )
 #: Types every diner of the branch gets, whatever the session (the menu shows availability).
 DINER_BRANCH_TYPES: frozenset[str] = frozenset({PRODUCT_AVAILABILITY_CHANGED})
-#: The types ``/ws/catchup/session`` returns (§1.3), in addition to the session match (D16).
+#: The types ``/ws/catchup/session`` returns, in addition to the session match (D16): the
+#: existing gateway's list (§1.3) plus the types pwaMenu subscribes to that it lacked
+#: (TABLE_CLEARED, SERVICE_CALL_ACKED/CLOSED, ROUND_ITEM_DELETED, CART_SYNC, PAYMENT_FAILED), so a
+#: reconnecting diner catches up on everything its socket would have shown.
 DINER_CATCHUP_TYPES: frozenset[str] = frozenset(
     {
         ROUND_PENDING,
@@ -121,6 +124,12 @@ DINER_CATCHUP_TYPES: frozenset[str] = frozenset(
         PAYMENT_REJECTED,
         TABLE_STATUS_CHANGED,
         PRODUCT_AVAILABILITY_CHANGED,
+        TABLE_CLEARED,
+        SERVICE_CALL_ACKED,
+        SERVICE_CALL_CLOSED,
+        ROUND_ITEM_DELETED,
+        CART_SYNC,
+        PAYMENT_FAILED,
     }
 )
 

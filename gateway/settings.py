@@ -174,10 +174,6 @@ class Settings:
         "\"Slow consumer\".", minimum=1024, maximum=1073741824,
     )
     # --- fan-out -------------------------------------------------------------------------------
-    broadcast_workers: int = setting(
-        2, "GATEWAY_BROADCAST_WORKERS", "Broadcast worker tasks taking routed jobs from the queue.",
-        minimum=1, maximum=64,
-    )
     broadcast_queue_size: int = setting(
         10000, "GATEWAY_BROADCAST_QUEUE", "Events buffered between Redis readers and broadcast workers.",
         minimum=1, maximum=1000000,
