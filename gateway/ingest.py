@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 import coredis
 import trio
@@ -52,7 +53,25 @@ def is_redis_failure(exc: BaseException) -> bool:
     """True for errors that mean "Redis is unreachable or misbehaving", also inside groups."""
     if isinstance(exc, BaseExceptionGroup):
         return all(is_redis_failure(e) for e in exc.exceptions)
-    return isinstance(exc, RedisError | OSError | TimeoutError | trio.BrokenResourceError | EOFError)
+    # coredis runs on anyio: a connection dropped under it surfaces as anyio's resource errors.
+    return isinstance(
+        exc,
+        RedisError | OSError | TimeoutError | trio.BrokenResourceError | EOFError
+        | anyio.ClosedResourceError | anyio.BrokenResourceError | anyio.EndOfStream,
+    )
+
+
+def strip_redis_failures(exc: BaseException) -> BaseException | None:
+    """``exc`` without its Redis-failure leaves; None when nothing else is left.
+
+    Cancelling a task inside coredis' pub/sub context can raise a group that holds both the
+    cancellation and a connection error from coredis' own clean-up: the cancellation must go on,
+    the connection error is noise.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(lambda e: not isinstance(e, BaseExceptionGroup) and is_redis_failure(e))
+        return rest
+    return None if is_redis_failure(exc) else exc
 
 
 def _text(value: Any) -> str:
@@ -327,9 +346,12 @@ class PubSubReader:
                             continue
                         await self.handle(message.get("data"), jobs)
                 raise ConnectionError("pub/sub connection ended")
-            except Exception as exc:
-                if not is_redis_failure(exc):
+            except BaseException as exc:
+                rest = strip_redis_failures(exc)
+                if rest is exc:
                     raise
+                if rest is not None:
+                    raise rest from None
                 gw.redis_failed(breaker, "pubsub", exc)
                 await trio.sleep(backoff.next_delay())
 
