@@ -21,9 +21,16 @@ import anyio
 import attrs
 import coredis
 import trio
-from coredis.exceptions import RedisError, ResponseError
+from coredis.exceptions import (
+    RedisError,
+    ResponseError,
+    StreamConsumerGroupError,
+    StreamDuplicateConsumerGroupError,
+    UnblockedError,
+)
+from coredis.response.types import StreamPendingExt
 
-from gateway.breaker import Backoff
+from gateway.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.broadcast import Job
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import RateLimitedLog
@@ -74,6 +81,18 @@ def strip_redis_failures(exc: BaseException) -> BaseException | None:
     return None if is_redis_failure(exc) else exc
 
 
+def group_missing(exc: BaseException) -> bool:
+    """NOGROUP (the stream or the group was deleted), or a blocked XREADGROUP cut short because
+    its stream was deleted (UNBLOCKED). Redis answered: this is not an outage.
+
+    coredis maps these replies to their own classes, which are not ``ResponseError`` and whose
+    message no longer carries the error code.
+    """
+    if isinstance(exc, StreamDuplicateConsumerGroupError):
+        return False
+    return isinstance(exc, StreamConsumerGroupError | UnblockedError)
+
+
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -118,13 +137,18 @@ class StreamConsumer:
         next_reclaim = 0.0
         next_stale_check = 0.0
         group_ready = False
+        group_lost = False
         while True:
             if not breaker.allow():
                 await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
                 continue
             try:
                 if not group_ready:
-                    await self.ensure_group()
+                    if group_lost:
+                        await self.recreate_group()
+                        group_lost = False
+                    else:
+                        await self.ensure_group()
                     # Entries this instance read but never acknowledged (it crashed or was killed)
                     # come back first, before new ones.
                     await self.replay_own_pending(jobs)
@@ -150,10 +174,13 @@ class StreamConsumer:
                     for _stream, items in entries.items():
                         await self.process(items, jobs)
             except Exception as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
+                    gw.redis_ok(breaker)
+                    # Recreated at the top of the loop, inside the try: a Redis failure while doing
+                    # it is then an outage like any other, not a crash of this task.
                     group_ready = False
-                    await self.recreate_group()
+                    group_lost = True
                     continue
                 if not is_redis_failure(exc):
                     raise
@@ -188,19 +215,24 @@ class StreamConsumer:
             name = _text(group.get(b"name", group.get("name", b"")))  # type: ignore[call-overload]
             if not name.startswith(prefix) or name == self._group:
                 continue
-            consumers = await gw.redis.xinfo_consumers(gw.settings.stream, name)
+            try:
+                consumers = await gw.redis.xinfo_consumers(gw.settings.stream, name)
+            except StreamConsumerGroupError:
+                continue  # removed meanwhile by another instance
             idle = [int(c.get(b"idle", c.get("idle", 0)) or 0) for c in consumers]  # type: ignore[call-overload]
             if idle and min(idle) >= stale_ms:
-                await gw.redis.xgroup_destroy(gw.settings.stream, name)
+                try:
+                    await gw.redis.xgroup_destroy(gw.settings.stream, name)
+                except StreamConsumerGroupError:
+                    continue
                 log.warning("removed the consumer group of a departed instance", extra={"group": name})
 
     async def ensure_group(self) -> None:
         try:
             await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, "$", mkstream=True)
             log.info("consumer group created", extra={"group": self._group})
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        except StreamDuplicateConsumerGroupError:
+            pass  # BUSYGROUP: ours from a previous run, with its position and pending entries
 
     async def recreate_group(self) -> None:
         """After NOGROUP: resume where this instance stopped, but never before the catch-up window."""
@@ -210,9 +242,9 @@ class StreamConsumer:
             start = self.last_id
         try:
             await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, start, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            log.info("consumer group recreated", extra={"group": self._group, "start": start})
+        except StreamDuplicateConsumerGroupError:
+            pass
 
     async def process(self, items: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
         """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
@@ -289,9 +321,11 @@ class StreamConsumer:
     async def _retry_claimed(self, claimed: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
         gw = self.gw
         first, last = claimed[0].identifier, claimed[-1].identifier
+        # The claimed entries are ours now. Between them in our list there can only be entries whose
+        # routing failed less than ``reclaim_idle`` ago (no batch is in flight while this runs).
         pending = await gw.redis.xpending(gw.settings.stream, self._group, start=first, end=last,
-                                          count=len(claimed) + 10)
-        deliveries = {_text(p.identifier): int(p.delivered) for p in pending}
+                                          count=len(claimed) + gw.settings.stream_batch, consumer=self._consumer)
+        deliveries = {_text(p.identifier): int(p.delivered) for p in pending if isinstance(p, StreamPendingExt)}
         retry: list[Any] = []
         dead: list[tuple[Any, bytes, str]] = []
         for item in claimed:
@@ -341,6 +375,7 @@ class PubSubReader:
                     gw.pubsub_ready.set()
                     gw.redis_ok(breaker)
                     backoff.reset()
+                    await self.finish_trial(breaker)
                     async for message in pubsub:
                         if message.get("type") != "pmessage":
                             continue
@@ -354,6 +389,17 @@ class PubSubReader:
                     raise rest from None
                 gw.redis_failed(breaker, "pubsub", exc)
                 await trio.sleep(backoff.next_delay())
+
+    async def finish_trial(self, breaker: CircuitBreaker) -> None:
+        """Close a half-open breaker with further trial calls once subscribed.
+
+        A half-open breaker closes after ``half_open_max_calls`` successful calls, but the
+        subscription is one call that lasts as long as Redis does: without these PINGs the breaker
+        would stay half-open until the next outage.
+        """
+        while breaker.state is BreakerState.HALF_OPEN and breaker.allow():
+            await self.gw.redis.ping()
+            self.gw.redis_ok(breaker)
 
     async def handle(self, raw: Any, jobs: trio.MemorySendChannel[Job]) -> None:
         gw = self.gw

@@ -12,6 +12,11 @@ Sources are tried in order; the first that knows the answer wins:
 
 No answer from any source means "no assignment": such a waiter receives every sector-targeted
 event of its branches (D11). ``refresh_sectors`` bypasses the cache.
+
+A source that cannot be asked (Redis or the database unreachable, a timeout) is not an answer: the
+last good database answer is used if there is one, otherwise the socket keeps the sectors it has.
+A ``refresh_sectors`` during an outage must not turn an assigned waiter into an unassigned one
+(which would receive every sector's events).
 """
 
 from __future__ import annotations
@@ -64,14 +69,28 @@ class SectorSource:
     clock: Callable[[], float] = trio.current_time
 
     async def assign(self, principal: Principal, *, refresh: bool) -> Principal:
-        """The principal with its current sector set (``refresh`` bypasses the cache)."""
+        """The principal with its current sector set (``refresh`` bypasses the cache); unchanged
+        when the lookup failed."""
         if "WAITER" not in principal.roles or principal.sectors_from_claim:
             return principal
-        sectors = await self.lookup(principal.tenant_id, principal.user_id, refresh=refresh)
+        try:
+            sectors = await self.lookup(principal.tenant_id, principal.user_id, refresh=refresh)
+        except SectorLookupError:
+            return principal
         return attrs.evolve(principal, sector_ids=sectors or frozenset())
 
     async def lookup(self, tenant_id: int, user_id: int, *, refresh: bool) -> frozenset[int] | None:
-        from_redis = await self._from_redis(tenant_id, user_id)
+        """The waiter's sectors, or None when no source has an assignment for it.
+
+        Raises ``SectorLookupError`` when a source could not be asked and nothing is cached.
+        """
+        try:
+            from_redis = await self._from_redis(tenant_id, user_id)
+        except SectorLookupError as exc:
+            # The set would win if it exists, so a lower source's answer could contradict it.
+            log.warning("sector lookup failed", extra={"tenant": tenant_id, "user": user_id, "source": "redis",
+                                                       "error": str(exc)})
+            raise
         if from_redis is not None:
             return from_redis
         if self.gw.settings.database_url is None:
@@ -85,8 +104,10 @@ class SectorSource:
             sectors = await self._from_postgres(tenant_id, user_id)
         except SectorLookupError as exc:
             log.warning("sector lookup failed; not cached", extra={"tenant": tenant_id, "user": user_id,
-                                                                  "error": str(exc)})
-            return cached[1] if cached is not None else None
+                                                                  "source": "postgres", "error": str(exc)})
+            if cached is not None:
+                return cached[1]
+            raise
         if len(self.cache) >= _CACHE_MAX:
             self.cache.pop(next(iter(self.cache)))
         self.cache[key] = (now + self.gw.settings.sector_cache_ttl, sectors)
@@ -101,7 +122,7 @@ class SectorSource:
         except Exception as exc:
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
-            return None
+            raise SectorLookupError(type(exc).__name__) from None
         out = set()
         for m in members or ():
             try:
