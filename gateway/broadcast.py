@@ -58,7 +58,11 @@ class Broadcaster:
             self.duplicate_events += 1
             self.metrics.events_duplicate.labels(job.source).inc()
             return 0
-        targets = audience(event, self.index)
+        try:
+            targets = audience(event, self.index)
+        except Exception:
+            self.deduper.retract(event.dedup_key)
+            raise
         self.metrics.events_routed.labels(job.source).inc()
         self.delivered_events += 1
         if self.on_delivered is not None:

@@ -62,6 +62,17 @@ class Deduper:
             self._forget_oldest()
         return True
 
+    def retract(self, key: bytes) -> None:
+        """Take back the sighting just recorded for ``key``: its delivery failed, so the retry
+        (a reclaimed stream entry) must count as a first sighting again."""
+        if not self._order or self._order[-1][1] != key:
+            return
+        self._order.pop()
+        seen = self._sightings[key]
+        seen.pop()
+        if not seen:
+            del self._sightings[key]
+
     def _expire(self, now: float) -> None:
         horizon = now - self._window
         order = self._order

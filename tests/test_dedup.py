@@ -133,3 +133,20 @@ def test_repeated_distinct_events_under_one_key_stay_bounded() -> None:
 def test_invalid_arguments(window: float, tolerance: float, max_entries: int) -> None:
     with pytest.raises(ValueError):
         Deduper(window, tolerance, max_entries)
+
+
+def test_retract_lets_a_failed_delivery_be_retried() -> None:
+    d = Deduper(window=10.0, ts_tolerance=1.0)
+    assert d.first_sighting(b"k", 100.0, now=0.0)
+    d.retract(b"k")
+    assert len(d) == 0
+    assert d.first_sighting(b"k", 100.0, now=1.0)
+    assert not d.first_sighting(b"k", 100.0, now=2.0)
+
+
+def test_retract_only_takes_back_the_latest_sighting_of_that_key() -> None:
+    d = Deduper(window=10.0, ts_tolerance=1.0)
+    assert d.first_sighting(b"a", None, now=0.0)
+    assert d.first_sighting(b"b", None, now=0.1)
+    d.retract(b"a")  # not the latest: nothing to take back
+    assert not d.first_sighting(b"a", None, now=0.2)

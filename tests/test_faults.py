@@ -626,11 +626,6 @@ async def test_poison_entry_is_dead_lettered_after_three_deliveries(
     await _poison_entry_goes_to_the_dlq(gw, publisher, redis_url, poison_routing)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/broadcast.py: Broadcaster.dispatch records the dedup sighting before audience() runs, "
-    "so when routing raises, the retried delivery is taken for a copy of an already delivered "
-    "event, counted as a duplicate and acknowledged: the entry is dropped, never retried or "
-    "dead-lettered"))
 async def test_poison_entry_is_dead_lettered_with_default_dedup(
     start_gateway: Factory, publisher: Publisher, redis_url: str, poison_routing: list[int]
 ) -> None:
