@@ -13,8 +13,10 @@ Nursery tree::
         ├── listener                           (accept loop, own cancel scope)
         └── connections nursery                (one task per TCP connection)
 
-Shutdown (D7) is: stop the listener, queue a 1012 close on every socket, wait until they are gone
-(bounded by ``shutdown_timeout``), then cancel the root scope. Stream entries that were read but
+Shutdown (D7) is: mark the gateway draining (health answers 503 "draining", new upgrades get 503
+so a proxy retries them on another instance), queue 1012 closes spread over ``drain_period``, wait
+until the sockets are gone (bounded by ``shutdown_timeout``), close the listener, then cancel the
+root scope. Stream entries that were read but
 not yet acknowledged simply stay pending for the next start.
 """
 
@@ -36,6 +38,7 @@ from gateway.auth import allowed_origins
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
+from gateway.clientip import Network, parse_networks
 from gateway.connection import Connection
 from gateway.dedup import Deduper
 from gateway.index import ConnectionIndex
@@ -64,6 +67,7 @@ class Gateway:
     index: ConnectionIndex[Connection] = attrs.Factory(ConnectionIndex)
     sockets: set[Connection] = attrs.Factory(set)
     origins: frozenset[str] = frozenset()
+    trusted_proxies: tuple[Network, ...] = ()
     draining: bool = False
     redis_healthy: bool = False
     started_at: float = attrs.Factory(time.monotonic)
@@ -83,6 +87,7 @@ class Gateway:
 
     def __attrs_post_init__(self) -> None:
         self.origins = allowed_origins(self.settings.allowed_origins)
+        self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
         self.redis_breaker = self._breaker("redis")
         self.pubsub_breaker = self._breaker("pubsub")
         self.catchup = CatchupStore(self)
@@ -346,8 +351,10 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
                 await gw.pubsub_ready.wait()
             task_status.started(gw)
             await gw.stop_requested.wait()
-            listen_scope.cancel()
+            # The listener stays open during the drain so health checks see "draining" (503) and
+            # proxies get 503 for new upgrades (and retry elsewhere); it closes once sockets are gone.
             await gw.drain()
+            listen_scope.cancel()
             conns.cancel_scope.cancel()
         services.cancel_scope.cancel()
 

@@ -59,7 +59,9 @@ class Connection:
         "_max_queue",
         "_text_len",
         "_text_parts",
+        "_unparseable",
         "_writer_done",
+        "client",
         "close_code",
         "closing",
         "direct",
@@ -94,12 +96,14 @@ class Connection:
         rate_limit: int,
         rate_window: float,
         direct_write: bool,
+        client: str = "-",
     ) -> None:
         self.id = next(_ids)
         self.stream = stream
         self.fd = stream.socket.fileno()
         self.ws = ws
         self.endpoint = endpoint
+        self.client = client
         self.metrics = metrics
         self.principal: Principal | None = None
         self.token = ""
@@ -121,6 +125,7 @@ class Connection:
         self._limiter = SlidingWindow(rate_limit, rate_window)
         self._text_parts: list[str] = []
         self._text_len = 0
+        self._unparseable = False
         self.refresh_sectors: RefreshSectors | None = None
 
     def __repr__(self) -> str:
@@ -129,7 +134,7 @@ class Connection:
     def log_context(self) -> dict[str, object]:
         """Who this socket is, for log lines (never the token)."""
         p = self.principal
-        ctx: dict[str, object] = {"conn": self.id, "endpoint": self.endpoint}
+        ctx: dict[str, object] = {"conn": self.id, "endpoint": self.endpoint, "client": self.client}
         if p is not None:
             ctx.update(tenant=p.tenant_id, branches=sorted(p.branch_ids), user=p.user_id)
         return ctx
@@ -179,7 +184,7 @@ class Connection:
             return
         self.closing = True
         self.close_code = close
-        self.metrics.closes.labels(str(close.code)).inc()
+        self.metrics.closes.labels(close_label(close.code)).inc()
         if discard_pending:
             keep_head = self.head_sent > 0
             head = self.out[0] if keep_head else b""
@@ -287,6 +292,8 @@ class Connection:
             self.begin_close(Close(code, ""))
             return
         # wsproto reports a malformed frame as a close event while the state stays open.
+        # It parses nothing after that, so the client's close reply could never be recognised.
+        self._unparseable = True
         if event.code == closecodes.INVALID_UTF8.code:
             close, reason = closecodes.INVALID_UTF8, "invalid_utf8"
         elif event.code == closecodes.MESSAGE_TOO_LARGE.code:
@@ -315,7 +322,7 @@ class Connection:
             self.metrics.inbound_messages.labels("other").inc()
 
     # --- closing ------------------------------------------------------------------------------
-    async def finish_close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+    async def finish_close(self, timeout: float = CLOSE_TIMEOUT) -> None:  # noqa: ASYNC109 - a bound, not a deadline the caller owns
         """After ``begin_close``: let the writer flush, read until the client's close, then return.
 
         The caller hangs up afterwards; a client that never answers costs at most ``timeout``.
@@ -327,12 +334,22 @@ class Connection:
                     data = await self.stream.receive_some(_RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
-                if not data:
+                if not data or self._unparseable:
+                    # After a malformed frame, whatever the client sends next stands for its
+                    # close reply (RFC 6455 §7.1.7: fail the connection, don't parse further).
                     return
                 self.ws.receive_data(data)
                 for event in self.ws.events():
                     if isinstance(event, CloseConnection):
                         self.peer_closed = True
+
+
+#: Codes counted under their own label; a client may echo any code, which must not mint labels.
+_KNOWN_CODES = frozenset({1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4001, 4003, 4029})
+
+
+def close_label(code: int) -> str:
+    return str(code) if code in _KNOWN_CODES else "other"
 
 
 def _is_json_ping(text: str) -> bool:

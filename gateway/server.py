@@ -9,12 +9,14 @@ close codes 4001/4003 (D1) instead of an opaque HTTP 403.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
+import attrs
 import h11
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -32,6 +34,7 @@ from gateway.auth import (
     verify_staff_token,
     verify_table_token,
 )
+from gateway.clientip import client_ip
 from gateway.closecodes import Close
 from gateway.connection import Connection
 from gateway.http import Response, handle_http, text_response
@@ -76,44 +79,70 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object
         return event
 
 
-async def _send_response(conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+async def _send_response(
+    conn: h11.Connection, stream: trio.SocketStream, response: Response, *, route: str = "-", gw: Gateway | None = None
+) -> None:
+    """Send one response; counts it when ``gw`` is given. A HEAD request gets the head only."""
+    if gw is not None:
+        gw.metrics.http_requests.labels(route, str(response.status)).inc()
     headers = [
         (b"content-type", response.content_type.encode()),
         (b"content-length", str(len(response.body)).encode()),
         (b"server", b"integrador-ws-gateway"),
         *response.headers,
     ]
-    if conn.our_role is h11.SERVER and conn.their_state is not h11.DONE and response.status >= 400:
+    if conn.their_state is not h11.DONE and response.status >= 400:
         headers.append((b"connection", b"close"))
-    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=response.reason))
-    data = (data or b"") + (conn.send(h11.Data(data=response.body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=response.reason)) or b""
+    if conn.our_state is h11.SEND_BODY:  # h11 knows a HEAD response has no body
+        data += (conn.send(h11.Data(data=response.body)) if response.body else b"") or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+    else:
+        data += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(data)
 
 
+def _head_size(request: h11.Request) -> int:
+    return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) + 16
+
+
 async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
-    """One TCP connection: HTTP requests with keep-alive, or one WebSocket."""
+    """One TCP connection: HTTP requests with keep-alive, or one WebSocket.
+
+    Nothing raised while serving one connection may reach the connections nursery (it would stop
+    the gateway): unexpected errors are logged with the socket's context and the connection drops.
+    """
     settings = gw.settings
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
     try:
+        peer = _peer_address(stream)
         while True:
             with trio.move_on_after(settings.handshake_timeout) as head_scope:
                 event = await _next_event(conn, stream)
             if head_scope.cancelled_caught:
-                if conn.their_state is h11.SEND_BODY or conn.client_is_waiting_for_100_continue or _partial(conn):
-                    gw.metrics.http_requests.labels("-", "408").inc()
-                    await _send_response(conn, stream, text_response(408, "Request head not received in time"))
+                if conn.their_state is h11.SEND_BODY or _partial(conn):
+                    await _send_response(conn, stream, text_response(408, "Request head not received in time"), gw=gw)
                 return
-            if isinstance(event, h11.ConnectionClosed):
+            if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
                 return
-            if not isinstance(event, h11.Request):
+            # h11 limits only a head still incomplete in its buffer; a complete one is checked here.
+            if _head_size(event) > settings.max_header_bytes:
+                await _send_response(conn, stream, text_response(431, "Request header fields too large"), gw=gw)
                 return
             target = event.target.decode("latin-1")
             path = urlsplit(target).path
+            client = client_ip(peer, _header(event.headers, b"x-forwarded-for"), gw.trusted_proxies)
             if _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
                 if event.method != b"GET":
-                    await _send_response(conn, stream, text_response(405, "Method Not Allowed"))
+                    response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
+                    await _send_response(conn, stream, response, route="websocket", gw=gw)
                     return
-                await serve_websocket(gw, stream, conn, event, _WS_PATHS[path])
+                if gw.draining:
+                    # A proxy retries this on another instance (nginx: proxy_next_upstream http_503).
+                    response = attrs.evolve(text_response(503, "Draining"), headers=((b"retry-after", b"1"),))
+                    await _send_response(conn, stream, response, route="websocket", gw=gw)
+                    return
+                await serve_websocket(gw, stream, conn, event, _WS_PATHS[path], client)
                 return
             body = b""
             with trio.move_on_after(settings.handshake_timeout) as body_scope:
@@ -122,14 +151,14 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
                     if isinstance(part, h11.Data):
                         body += part.data
                         if len(body) > settings.max_body_bytes:
-                            await _send_response(conn, stream, text_response(413, "Request body too large"))
+                            await _send_response(conn, stream, text_response(413, "Request body too large"), gw=gw)
                             return
                     elif isinstance(part, h11.EndOfMessage):
                         break
                     else:
                         return
             if body_scope.cancelled_caught:
-                await _send_response(conn, stream, text_response(408, "Request body not received in time"))
+                await _send_response(conn, stream, text_response(408, "Request body not received in time"), gw=gw)
                 return
             response = await handle_http(gw, event, path, target, body)
             await _send_response(conn, stream, response)
@@ -141,19 +170,28 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
                 return
     except h11.RemoteProtocolError as exc:
         status = exc.error_status_hint
-        gw.metrics.http_requests.labels("-", str(status)).inc()
         reason = "Request header fields too large" if status == 431 else "Bad request"
         log.info("bad HTTP request", extra={"status": status})
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            try:
-                await _send_response(conn, stream, text_response(status, reason))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
-                pass
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                                     h11.LocalProtocolError):
+                await _send_response(conn, stream, text_response(status, reason), gw=gw)
     except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:
+        gw.metrics.http_requests.labels("-", "500").inc()
+        log.exception("connection handler failed; dropping that connection")
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "-"
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _partial(conn: h11.Connection) -> bool:
@@ -162,7 +200,12 @@ def _partial(conn: h11.Connection) -> bool:
 
 
 async def serve_websocket(
-    gw: Gateway, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint
+    gw: Gateway,
+    stream: trio.SocketStream,
+    h11conn: h11.Connection,
+    request: h11.Request,
+    endpoint: Endpoint,
+    client: str = "-",
 ) -> None:
     target = request.target.decode("latin-1")
     ws = WSConnection(ConnectionType.SERVER)
@@ -173,8 +216,7 @@ async def serve_websocket(
             raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
         accept = ws.send(AcceptConnection())
     except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
-        gw.metrics.http_requests.labels("websocket", "400").inc()
-        await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"))
+        await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", gw=gw)
         return
     await stream.send_all(accept)
     settings = gw.settings
@@ -188,6 +230,7 @@ async def serve_websocket(
         rate_limit=settings.message_rate_limit,
         rate_window=settings.message_rate_window,
         direct_write=settings.direct_write,
+        client=client,
     )
     trailing = h11conn.trailing_data[0]
     if trailing:

@@ -226,7 +226,8 @@ async def redis_url(redis_server: str) -> AsyncIterator[str]:
 @pytest.fixture
 def gateway_factory(nursery: trio.Nursery, redis_url: str) -> Callable[..., Awaitable[GatewayHandle]]:
     async def start(**overrides: Any) -> GatewayHandle:
-        settings = test_settings(redis_url, **overrides)
+        # A test may point its gateway at its own Redis (fault tests kill that one).
+        settings = test_settings(overrides.pop("redis_url", redis_url), **overrides)
         gw = await nursery.start(run_gateway, settings)
         return GatewayHandle(gw, nursery)
 

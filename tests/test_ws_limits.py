@@ -1,0 +1,231 @@
+"""End-to-end connection limits (D5): per staff user, per table session and per process.
+
+A socket over a limit is closed before it is registered, so it never receives events and never
+counts against anyone; the sockets already open keep being served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from gateway.testing import GatewayHandle, Publisher, WSClient
+
+Factory = Callable[..., Awaitable[GatewayHandle]]
+
+PONG = '{"type":"pong"}'
+
+
+def value(metric: Any, *labels: str) -> float:
+    child = metric.labels(*labels) if labels else metric
+    return float(child._value.get())
+
+
+async def assert_served(client: WSClient) -> None:
+    await client.send("ping")
+    with trio.fail_after(5):
+        assert await client.ws.get_message() == PONG
+
+
+async def settled(handle: GatewayHandle, open_sockets: int) -> None:
+    """Wait until only ``open_sockets`` sockets exist, all registered; nothing half-open remains."""
+    gw = handle.gw
+    with trio.fail_after(5):
+        # The gateway signals no event when a socket is gone, so poll, bounded by the deadline.
+        while len(gw.sockets) != open_sockets or len(gw.index) != open_sockets:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert set(gw.index) == gw.sockets
+    if open_sockets == 0:
+        assert gw.index.is_empty_structurally()
+
+
+async def legacy_rejections(handle: GatewayHandle, reason: str) -> str:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{handle.url}/ws/metrics")
+    prefix = f'wsgateway_connections_rejected_total{{reason="{reason}"}} '
+    lines = [line for line in response.text.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1
+    return lines[0].removeprefix(prefix)
+
+
+# --- per staff user (default 3) ----------------------------------------------------------------
+
+
+async def test_fourth_socket_of_a_staff_user_closes_1008(gateway: GatewayHandle) -> None:
+    assert gateway.settings.max_connections_per_user == 3
+    token = gateway.staff_token(user=7, roles=("WAITER", "KITCHEN"))
+    # The limit counts the user's sockets on every endpoint together.
+    first = [
+        await gateway.connect("waiter", token),
+        await gateway.connect("kitchen", token),
+        await gateway.connect("waiter", gateway.staff_token(user=7)),
+    ]
+    await gateway.connected(3)
+    fourth = await gateway.connect("waiter", token)
+    assert await fourth.closed() == (1008, "Too many connections")
+    await settled(gateway, 3)
+    assert gateway.gw.index.count_user(1, 7) == 3
+    assert value(gateway.gw.metrics.rejections, "limit_user") == 1
+    assert value(gateway.gw.metrics.closes, "1008") == 1
+    # The legacy "limit" line counts only the process-wide limit, as the existing gateway did.
+    assert await legacy_rejections(gateway, "limit") == "0"
+    for client in first:
+        await assert_served(client)
+    # Other users, and the same user id in another tenant, are not affected.
+    other_user = await gateway.connect("waiter", gateway.staff_token(user=8))
+    other_tenant = await gateway.connect("waiter", gateway.staff_token(user=7, tenant=2))
+    await gateway.connected(5)
+    await assert_served(other_user)
+    await assert_served(other_tenant)
+
+
+async def test_closing_a_socket_frees_its_user_slot(gateway: GatewayHandle) -> None:
+    token = gateway.staff_token(user=7)
+    clients = [await gateway.connect("waiter", token) for _ in range(3)]
+    await gateway.connected(3)
+    refused = await gateway.connect("waiter", token)
+    assert await refused.closed() == (1008, "Too many connections")
+    await clients[0].aclose()
+    await settled(gateway, 2)
+    again = await gateway.connect("waiter", token)
+    await gateway.connected(3)
+    await assert_served(again)
+    for client in clients[1:]:
+        await assert_served(client)
+
+
+async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: GatewayHandle) -> None:
+    token = gateway.staff_token(user=7)
+    outcomes: list[str] = []
+
+    async def attempt() -> None:
+        client = await gateway.connect("waiter", token)
+        # Admission finishes before the socket's first message is read, so the ping tells apart
+        # a registered socket (pong) from a refused one (the close).
+        await client.send("ping")
+        try:
+            with trio.fail_after(5):
+                assert await client.ws.get_message() == PONG
+            outcomes.append("served")
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            outcomes.append(f"{exc.reason.code} {exc.reason.reason}")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(attempt)
+    assert sorted(outcomes) == ["1008 Too many connections"] * 5 + ["served"] * 3
+    await settled(gateway, 3)
+    assert gateway.gw.index.count_user(1, 7) == 3
+    assert value(gateway.gw.metrics.rejections, "limit_user") == 5
+
+
+# --- per table session (default 10) ------------------------------------------------------------
+
+
+async def test_eleventh_diner_of_a_session_closes_1008(gateway: GatewayHandle) -> None:
+    assert gateway.settings.max_connections_per_session == 10
+    staff = await gateway.connect("waiter", gateway.staff_token())
+    diners = [await gateway.connect("diner", gateway.table_token(session=9)) for _ in range(10)]
+    await gateway.connected(11)
+    eleventh = await gateway.connect("diner", gateway.table_token(session=9))
+    assert await eleventh.closed() == (1008, "Too many connections")
+    await settled(gateway, 11)
+    assert gateway.gw.index.count_session(1, 9) == 10
+    assert value(gateway.gw.metrics.rejections, "limit_session") == 1
+    for client in [staff, *diners]:
+        await assert_served(client)
+    other_session = await gateway.connect("diner", gateway.table_token(session=10))
+    await gateway.connected(12)
+    await assert_served(other_session)
+
+
+async def test_refused_diner_receives_no_session_events(gateway: GatewayHandle, publisher: Publisher) -> None:
+    diners = [await gateway.connect("diner", gateway.table_token(session=9)) for _ in range(10)]
+    await gateway.connected(10)
+    refused = await gateway.connect("diner", gateway.table_token(session=9))
+    await publisher.stream_event(publisher.envelope("CHECK_PAID", 1, 2, table_id=5, session_id=9))
+    for client in diners:
+        await client.expect("CHECK_PAID")
+    # The refused socket gets its close and nothing else.
+    received: list[object] = []
+    with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+        while True:
+            received.append(await refused.ws.get_message())
+    assert closed.value.reason is not None
+    assert (closed.value.reason.code, closed.value.reason.reason) == (1008, "Too many connections")
+    assert received == []
+    await settled(gateway, 10)
+
+
+# --- per process -------------------------------------------------------------------------------
+
+
+async def test_total_limit_closes_1013_and_a_freed_slot_is_reused(gateway_factory: Factory) -> None:
+    handle = await gateway_factory(max_total_connections=2)
+    waiter = await handle.connect("waiter", handle.staff_token(user=1))
+    diner = await handle.connect("diner", handle.table_token())
+    await handle.connected(2)
+    third = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
+    assert await third.closed() == (1013, "Try again later")
+    await settled(handle, 2)
+    assert value(handle.gw.metrics.rejections, "limit_total") == 1
+    assert value(handle.gw.metrics.closes, "1013") == 1
+    assert await legacy_rejections(handle, "limit") == "1"
+    await assert_served(waiter)
+    await assert_served(diner)
+
+    await diner.aclose()
+    await settled(handle, 1)
+    assert handle.gw.index.count_session(1, 9) == 0
+    replacement = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
+    await handle.connected(2)
+    await assert_served(replacement)
+    await assert_served(waiter)
+
+    await waiter.aclose()
+    await replacement.aclose()
+    await settled(handle, 0)
+
+
+async def test_credentials_are_checked_before_the_total_limit(gateway_factory: Factory) -> None:
+    # A bad credential must get the final 4001 even when the process is full, or the client
+    # would treat 1013 as recoverable and retry its bad token forever.
+    handle = await gateway_factory(max_total_connections=1)
+    first = await handle.connect("waiter", handle.staff_token(user=1))
+    await handle.connected(1)
+    bad = await handle.connect("waiter", "not-a-jwt")
+    assert await bad.closed() == (4001, "Authentication failed")
+    wrong_role = await handle.connect("admin", handle.staff_token(user=2))
+    assert await wrong_role.closed() == (4003, "Access denied")
+    await settled(handle, 1)
+    assert value(handle.gw.metrics.rejections, "limit_total") == 0
+    await assert_served(first)
+
+
+async def test_every_refusal_leaves_nothing_behind(gateway_factory: Factory) -> None:
+    handle = await gateway_factory(max_total_connections=4, max_connections_per_session=1)
+    open_ = [
+        await handle.connect("waiter", handle.staff_token(user=1)),
+        await handle.connect("diner", handle.table_token(session=9)),
+    ]
+    await handle.connected(2)
+    refusals = [
+        (await handle.connect("diner", handle.table_token(session=9)), (1008, "Too many connections")),
+        (await handle.connect("waiter", "not-a-jwt"), (4001, "Authentication failed")),
+        (await handle.connect("waiter", handle.staff_token(), origin="http://evil.test"),
+         (4003, "Origin not allowed")),
+    ]
+    for client, expected in refusals:
+        assert await client.closed() == expected
+    await settled(handle, 2)
+    for client in open_:
+        await assert_served(client)
+        await client.aclose()
+    await settled(handle, 0)
+    assert handle.gw.stats()["dead_connections_pending"] == 0
