@@ -173,7 +173,7 @@ class StreamConsumer:
                 if entries:
                     for _stream, items in entries.items():
                         await self.process(items, jobs)
-            except Exception as exc:
+            except BaseException as exc:
                 if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
                     gw.redis_ok(breaker)
@@ -182,8 +182,11 @@ class StreamConsumer:
                     group_ready = False
                     group_lost = True
                     continue
-                if not is_redis_failure(exc):
+                rest = strip_redis_failures(exc)
+                if rest is exc:
                     raise
+                if rest is not None:
+                    raise rest from None
                 gw.redis_failed(breaker, "stream", exc)
                 await trio.sleep(backoff.next_delay())
 
