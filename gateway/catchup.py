@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.catchup")
 
 FLUSH_INTERVAL = 0.005
+#: Largest millisecond part of a stream id. A larger ``since`` is an XRANGE syntax error, which
+#: would count as a Redis failure and could open the breaker that guards live delivery.
+_MAX_ID_MS = 2**64 - 1
 
 
 def catchup_key(tenant_id: int, branch_id: int) -> str:
@@ -91,7 +94,7 @@ class CatchupStore:
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         settings = self.gw.settings
-        start_ms = int(max(since, time.time() - settings.catchup_window) * 1000)
+        start_ms = min(int(max(since, time.time() - settings.catchup_window) * 1000), _MAX_ID_MS)
         entries = await self.gw.redis.xrange(catchup_key(tenant_id, branch_id), f"{start_ms}-0", "+",
                                             count=settings.catchup_max_events)
         out: list[Event] = []
@@ -132,6 +135,15 @@ class CatchupStore:
                 principals.append(principal)
         if not principals:
             return text_response(403, "Access denied")
+        # A revoked token's sockets are closed (D3), so it would have received nothing live.
+        from gateway.server import check_revoked
+
+        revoked = await check_revoked(self.gw, principals[:1])
+        if revoked is None:
+            # Redis cannot answer, so the store cannot be read either: the read-error answer.
+            return json_response(200, _body([]))
+        if revoked[0]:
+            return text_response(401, "Invalid token")
         events = await self._read_or_empty(claims.tenant_id, branch_id, since)
         chosen = [e for e in events if any(receives(e, p) for p in principals)]
         return json_response(200, _body(chosen))

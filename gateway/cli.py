@@ -15,7 +15,19 @@ from typing import Any
 from gateway.settings import Settings, SettingsError, settings_fields
 
 EXIT_CONFIG = 2
+#: Seconds ``gateway publish`` waits for Redis before giving up with a message.
+PUBLISH_TIMEOUT = 15.0
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
+_MAIN_EPILOG = """examples:
+  gateway serve --port 8001                  run the gateway (gateway serve --help: every setting)
+  gateway token staff --user 7 --tenant 1 --branch 2 --role WAITER
+  gateway publish --type ROUND_READY --tenant 1 --branch 2 --session 9
+  gateway config-doc > docs/configuration.md
+"""
+_CONFIG_DOC_EPILOG = """examples:
+  gateway config-doc > docs/configuration.md
+"""
 _SERVE_EPILOG = """examples:
   gateway serve                              embedded Redis, port 8001 (WS_GATEWAY_PORT)
   gateway serve --port 9001 --host 127.0.0.1
@@ -102,10 +114,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_CONFIG
         try:
-            entity = json.loads(args.entity) if args.entity else None
-            actor = json.loads(args.actor) if args.actor else None
+            entity = _json_object("--entity", args.entity)
+            actor = _json_object("--actor", args.actor)
         except ValueError as exc:
-            print(f"gateway publish: --entity/--actor must be JSON objects: {exc}", file=sys.stderr)
+            print(f"gateway publish: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         payload = encode_envelope(envelope(
             args.type, args.tenant, args.branch or 0, table_id=args.table, session_id=args.session,
@@ -121,21 +133,53 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if not url:
         print("gateway publish: set REDIS_URL or --redis-url (the Redis the gateway reads)", file=sys.stderr)
         return EXIT_CONFIG
+    if url.partition("://")[0] not in REDIS_SCHEMES:
+        print("gateway publish: the Redis URL must start with redis://, rediss:// or unix://", file=sys.stderr)
+        return EXIT_CONFIG
 
     async def send() -> str:
         from gateway.ingest import make_client
         from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 
         client = make_client(url)
-        async with client:
-            if args.channel:
-                receivers = await client.publish(args.channel, payload)
-                return f"published to {args.channel} ({receivers} subscribers)"
-            entry = await xadd_capped(client, settings.stream, {"data": payload}, STREAM_MAXLEN)
-            return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
+        with trio.fail_after(PUBLISH_TIMEOUT):
+            async with client:
+                if args.channel:
+                    receivers = await client.publish(args.channel, payload)
+                    return f"published to {args.channel} ({receivers} subscribers)"
+                entry = await xadd_capped(client, settings.stream, {"data": payload}, STREAM_MAXLEN)
+                return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
 
-    print(trio.run(send))
+    from gateway.ingest import is_redis_failure
+    from gateway.settings import redact_url_password
+
+    try:
+        print(trio.run(send))
+    except Exception as exc:
+        # A traceback would bury the one fact that matters: the Redis at this URL did not answer.
+        if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError | ValueError)):
+            raise
+        print(f"gateway publish: cannot publish to {redact_url_password(url)}: {_first_error(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _json_object(flag: str, raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _first_error(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
 
 
 def _cmd_config_doc(args: argparse.Namespace) -> int:
@@ -158,11 +202,15 @@ def configuration_markdown() -> str:
     ]
     for field in settings_fields():
         meta = field.metadata
-        default = "host name" if field.name == "instance_id" else field.default
-        if meta["secret"] and default:
+        default = field.default
+        if field.name == "instance_id":
+            default = "the host name"
+        elif meta["secret"] and default:
             default = f"`{default}` (development only)"
-        elif default in (None, ()):
+        elif default is None or default == ():
             default = "unset"
+        elif isinstance(default, bool):
+            default = f"`{str(default).lower()}`"
         else:
             default = f"`{default}`"
         if meta["choices"]:
@@ -174,12 +222,14 @@ def configuration_markdown() -> str:
         else:
             valid = "text"
         flag = "(environment only)" if meta["secret"] else f"`{_flag(field.name)}`"
-        lines.append(f"| `{meta['env']}` | {flag} | {default} | {valid} | {meta['help']} |")
+        help_text = meta["help"].replace("|", "\\|")
+        lines.append(f"| `{meta['env']}` | {flag} | {default} | {valid} | {help_text} |")
     return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="Integrador real-time WebSocket gateway.")
+    parser = argparse.ArgumentParser(prog="gateway", description="Integrador real-time WebSocket gateway.",
+                                     epilog=_MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway", epilog=_SERVE_EPILOG,
@@ -212,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="publish one event envelope", epilog=_PUBLISH_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    publish.add_argument("source", nargs="?", help="- to read the envelope JSON from stdin")
+    publish.add_argument("source", nargs="?", choices=["-"], metavar="-", help="- to read the envelope JSON from stdin")
     publish.add_argument("--type")
     publish.add_argument("--tenant", type=int)
     publish.add_argument("--branch", type=int)
@@ -225,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--redis-url", help="default: REDIS_URL")
     publish.set_defaults(func=_cmd_publish)
 
-    doc = sub.add_parser("config-doc", help="print docs/configuration.md")
+    doc = sub.add_parser("config-doc", help="print docs/configuration.md", epilog=_CONFIG_DOC_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Print the settings reference (Markdown), generated from the settings class.")
     doc.set_defaults(func=_cmd_config_doc)
     return parser
 

@@ -183,7 +183,9 @@ async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str,
         return response
     if route is None:
         if path in _WS_ENDPOINTS:
-            response = text_response(426, "WebSocket upgrade required")
+            # RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+            response = attrs.evolve(text_response(426, "WebSocket upgrade required"),
+                                    headers=((b"upgrade", b"websocket"),))
         else:
             response = text_response(404, "Not Found")
         label = path if path in _WS_ENDPOINTS else "-"
@@ -191,7 +193,7 @@ async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str,
         label = path
         handler = route.get(method) or (route.get("GET") if method == "HEAD" else None)
         if handler is None:
-            allow = ", ".join(sorted(route))
+            allow = ", ".join(sorted({*route, "HEAD"} if "GET" in route else route))
             response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", allow.encode()),))
         else:
             req = HttpRequest(method, path, parse_qs(urlsplit(target).query, keep_blank_values=True), headers, body)
@@ -205,6 +207,9 @@ async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str,
     gw.metrics.http_requests.labels(label, str(response.status)).inc()
     if cors:
         response = attrs.evolve(response, headers=(*response.headers, *cors))
+    if method == "HEAD":
+        # h11 refuses to send a body in reply to HEAD (LocalProtocolError), whatever the status.
+        response = attrs.evolve(response, body=b"")
     return response
 
 

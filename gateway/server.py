@@ -80,7 +80,13 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object
 
 
 async def _send_response(
-    conn: h11.Connection, stream: trio.SocketStream, response: Response, *, route: str = "-", gw: Gateway | None = None
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    response: Response,
+    *,
+    route: str = "-",
+    gw: Gateway | None = None,
+    head: bool = False,
 ) -> None:
     """Send one response; counts it when ``gw`` is given. A HEAD request gets the head only."""
     if gw is not None:
@@ -94,11 +100,9 @@ async def _send_response(
     if conn.their_state is not h11.DONE and response.status >= 400:
         headers.append((b"connection", b"close"))
     data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=response.reason)) or b""
-    if conn.our_state is h11.SEND_BODY:  # h11 knows a HEAD response has no body
-        data += (conn.send(h11.Data(data=response.body)) if response.body else b"") or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-    else:
-        data += conn.send(h11.EndOfMessage()) or b""
+    if response.body and not head:
+        data += conn.send(h11.Data(data=response.body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(data)
 
 
@@ -135,7 +139,8 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
             if _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
                 if event.method != b"GET":
                     response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
-                    await _send_response(conn, stream, response, route="websocket", gw=gw)
+                    await _send_response(conn, stream, response, route="websocket", gw=gw,
+                                         head=event.method == b"HEAD")
                     return
                 if gw.draining:
                     # A proxy retries this on another instance (nginx: proxy_next_upstream http_503).
@@ -161,7 +166,7 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
                 await _send_response(conn, stream, text_response(408, "Request body not received in time"), gw=gw)
                 return
             response = await handle_http(gw, event, path, target, body)
-            await _send_response(conn, stream, response)
+            await _send_response(conn, stream, response, head=event.method == b"HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:

@@ -49,6 +49,15 @@ def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _parse_redis_url(raw: str) -> str | None:
+    url = raw.strip()
+    if not url:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return url
+
+
 def _parse_level(raw: str) -> str:
     return raw.strip().upper()
 
@@ -194,7 +203,7 @@ class Settings:
     # --- Redis ---------------------------------------------------------------------------------
     redis_url: str | None = setting(
         None, "REDIS_URL", "Redis to use (redis://, rediss://, unix://). Unset: start a private redis-server child (D18).",
-        parse=_parse_optional_str,
+        parse=_parse_redis_url,
     )
     redis_data_dir: str | None = setting(
         None, "GATEWAY_REDIS_DATA_DIR", "Embedded Redis only: keep its data here (AOF on). Unset: nothing on disk.",
@@ -361,7 +370,8 @@ def _convert(field: attrs.Attribute[Any], raw: str, name: str) -> Any:
 
 
 def _shown(field: attrs.Attribute[Any], raw: str) -> str:
-    return "(hidden)" if field.metadata["secret"] else repr(raw)
+    # A URL may carry a password even when it is malformed.
+    return "(hidden)" if field.metadata["secret"] or field.name == "redis_url" else repr(raw)
 
 
 def _check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
