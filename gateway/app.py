@@ -35,7 +35,7 @@ import trio
 
 from gateway import closecodes
 from gateway.auth import allowed_origins
-from gateway.breaker import BreakerState, CircuitBreaker
+from gateway.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
 from gateway.clientip import Network, parse_networks
@@ -54,6 +54,7 @@ from gateway.settings import Settings
 log = logging.getLogger("gateway")
 
 READY_TIMEOUT = 3.0
+BREAKER_NAMES = ("stream", "pubsub", "auth", "catchup", "publish")
 _BREAKER_LEVEL = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -77,8 +78,9 @@ class Gateway:
     stream_ready: trio.Event = attrs.Factory(trio.Event)
     pubsub_ready: trio.Event = attrs.Factory(trio.Event)
     legacy: dict[str, int] = attrs.Factory(lambda: {"limit": 0, "rate_limit": 0, "auth": 0})
-    redis_breaker: CircuitBreaker = attrs.field(init=False)
-    pubsub_breaker: CircuitBreaker = attrs.field(init=False)
+    #: One breaker per Redis path, so an outage seen by one path (a revocation check, say) does
+    #: not pause another (the stream) that may already work again.
+    breakers: dict[str, CircuitBreaker] = attrs.field(init=False)
     broadcaster: Broadcaster = attrs.field(init=False)
     catchup: CatchupStore = attrs.field(init=False)
     sectors: SectorSource = attrs.field(init=False)
@@ -88,8 +90,7 @@ class Gateway:
     def __attrs_post_init__(self) -> None:
         self.origins = allowed_origins(self.settings.allowed_origins)
         self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
-        self.redis_breaker = self._breaker("redis")
-        self.pubsub_breaker = self._breaker("pubsub")
+        self.breakers = {name: self._breaker(name) for name in BREAKER_NAMES}
         self.catchup = CatchupStore(self)
         self.broadcaster = Broadcaster(
             index=self.index,
@@ -107,7 +108,18 @@ class Gateway:
             log.warning("circuit breaker %s: %s -> %s", name, old.value, new.value)
 
         self.metrics.breaker_state.labels(name).set(0)
-        return CircuitBreaker(name=name, clock=trio.current_time, on_transition=transition)
+        s = self.settings
+        return CircuitBreaker(
+            name=name,
+            clock=trio.current_time,
+            on_transition=transition,
+            failure_threshold=s.breaker_failures,
+            recovery_timeout=s.breaker_recovery,
+            half_open_max_calls=s.breaker_trial_calls,
+        )
+
+    def backoff(self) -> Backoff:
+        return Backoff(base=self.settings.redis_backoff_base, cap=self.settings.redis_backoff_cap)
 
     # --- Redis health (D17) -------------------------------------------------------------------
     def redis_ok(self, breaker: CircuitBreaker) -> None:
@@ -127,8 +139,7 @@ class Gateway:
 
     async def probe_redis(self) -> dict[str, Any]:
         """A PING plus the consumer group's lag and pending count, for the detailed health page."""
-        out: dict[str, Any] = {"ok": False, "breaker": self.redis_breaker.stats(),
-                               "pubsub_breaker": self.pubsub_breaker.stats()}
+        out: dict[str, Any] = {"ok": False, "breakers": {n: b.stats() for n, b in self.breakers.items()}}
         try:
             with trio.fail_after(2.0):
                 started = trio.current_time()
@@ -147,20 +158,21 @@ class Gateway:
                 raise
             out["error"] = type(exc).__name__
         if not self.redis_healthy and out["ok"]:
-            out["ok"] = self.pubsub_breaker.state is not BreakerState.OPEN
+            out["ok"] = self.breakers["pubsub"].state is not BreakerState.OPEN
         return out
 
     async def append_to_stream(self, payload: bytes) -> str | None:
-        if not self.redis_breaker.allow():
+        breaker = self.breakers["publish"]
+        if not breaker.allow():
             return None
         try:
             entry_id = await xadd_capped(self.redis, self.settings.stream, {"data": payload}, STREAM_MAXLEN)
         except Exception as exc:
             if not is_redis_failure(exc):
                 raise
-            self.redis_failed(self.redis_breaker, "publish", exc)
+            self.redis_failed(breaker, "publish", exc)
             return None
-        self.redis_ok(self.redis_breaker)
+        self.redis_ok(breaker)
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     # --- statistics ---------------------------------------------------------------------------
@@ -225,8 +237,7 @@ class Gateway:
             "events_duplicate": self.broadcaster.duplicate_events,
             "stream_processed": self.stream_consumer.processed,
             "stream_last_id": self.stream_consumer.last_id,
-            "circuit_breaker": self.redis_breaker.stats(),
-            "pubsub_circuit_breaker": self.pubsub_breaker.stats(),
+            "circuit_breakers": {n: b.stats() for n, b in self.breakers.items()},
         }
 
     # --- sector refresh -----------------------------------------------------------------------

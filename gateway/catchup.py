@@ -12,6 +12,7 @@ received (role, sector), a diner only its own table's events of the diner types.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -30,7 +31,6 @@ from gateway.auth import (
 )
 from gateway.events import InvalidEvent, parse_event
 from gateway.model import Event, Principal
-from gateway.redis_ops import xadd_capped
 from gateway.routing import DINER_CATCHUP_TYPES, receives
 
 if TYPE_CHECKING:
@@ -41,6 +41,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.catchup")
 
 FLUSH_INTERVAL = 0.005
+
+# KEYS[1]: the event's guard key; KEYS[2]: the branch's catch-up stream.
+# ARGV[1]: TTL in seconds; ARGV[2]: entries kept; ARGV[3]: the frame payload.
+_APPEND_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'data', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 #: Largest millisecond part of a stream id. A larger ``since`` is an XRANGE syntax error, which
 #: would count as a Redis failure and could open the breaker that guards live delivery.
 _MAX_ID_MS = 2**64 - 1
@@ -62,14 +73,21 @@ class CatchupStore:
             self._wakeup.set()
 
     def take_into(self, pipe: Any) -> int:
-        """Queue the buffered appends on ``pipe``; returns how many were queued."""
+        """Queue the buffered appends on ``pipe``; returns how many were queued.
+
+        Every instance delivers every event, so each would append it: a guard key per event
+        (``SET NX``, in the same script as the append) lets exactly one copy in.
+        """
         events, self.pending = self.pending, []
         settings = self.gw.settings
         ttl = int(settings.catchup_window) + 1
         for event in events:
-            key = catchup_key(event.tenant_id, event.branch_id)
-            xadd_capped(pipe, key, {"data": event.frame_payload}, settings.catchup_max_events, approximate=False)
-            pipe.expire(key, ttl)
+            digest = hashlib.blake2b(event.frame_payload, digest_size=16).hexdigest()
+            pipe.eval(
+                _APPEND_ONCE,
+                keys=[f"gw:catchup:seen:{event.tenant_id}:{digest}", catchup_key(event.tenant_id, event.branch_id)],
+                args=[ttl, settings.catchup_max_events, event.frame_payload],
+            )
         return len(events)
 
     async def writer(self) -> None:
@@ -89,7 +107,7 @@ class CatchupStore:
                 if not is_redis_failure(exc):
                     raise
                 # Catch-up is best effort; live delivery already happened.
-                self.gw.redis_failed(self.gw.redis_breaker, "catchup", exc)
+                self.gw.redis_failed(self.gw.breakers["catchup"], "catchup", exc)
                 del batch
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
@@ -180,7 +198,7 @@ class CatchupStore:
         except Exception as exc:
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
-            self.gw.redis_failed(self.gw.redis_breaker, "catchup", exc)
+            self.gw.redis_failed(self.gw.breakers["catchup"], "catchup", exc)
             return []
 
 

@@ -30,7 +30,7 @@ from coredis.exceptions import (
 )
 from coredis.response.types import StreamPendingExt
 
-from gateway.breaker import Backoff, BreakerState, CircuitBreaker
+from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.broadcast import Job
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import RateLimitedLog
@@ -131,9 +131,9 @@ class StreamConsumer:
         return self.gw.settings.instance_id
 
     async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        backoff = Backoff(base=1.0, cap=30.0)
         gw = self.gw
-        breaker = gw.redis_breaker
+        backoff = gw.backoff()
+        breaker = gw.breakers["stream"]
         next_reclaim = 0.0
         next_stale_check = 0.0
         group_ready = False
@@ -363,8 +363,8 @@ class PubSubReader:
 
     async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
         gw = self.gw
-        backoff = Backoff(base=1.0, cap=30.0)
-        breaker = gw.pubsub_breaker
+        backoff = gw.backoff()
+        breaker = gw.breakers["pubsub"]
         while True:
             if not breaker.allow():
                 await trio.sleep(max(breaker.seconds_until_retry(), 0.1))

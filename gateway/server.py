@@ -356,7 +356,7 @@ async def check_revoked(gw: Gateway, principals: Sequence[Principal]) -> list[bo
         keys.extend(ks)
     if not keys:
         return [False] * len(principals)
-    breaker = gw.redis_breaker
+    breaker = gw.breakers["auth"]
     if not breaker.allow():
         return None
     values: Sequence[bytes | str | None]

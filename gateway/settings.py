@@ -238,6 +238,26 @@ class Settings:
         "Consumer groups of other instances idle this long are deleted so they never pin stream memory.",
         minimum=60, maximum=31536000,
     )
+    breaker_failures: int = setting(
+        5, "GATEWAY_BREAKER_FAILURES", "Consecutive failures of one Redis path that open its circuit breaker.",
+        minimum=1, maximum=1000,
+    )
+    breaker_recovery: float = setting(
+        30.0, "GATEWAY_BREAKER_RECOVERY", "Seconds an open breaker waits before it lets trial calls through.",
+        minimum=0.01, maximum=3600,
+    )
+    breaker_trial_calls: int = setting(
+        3, "GATEWAY_BREAKER_TRIAL_CALLS", "Successful trial calls that close a half-open breaker.",
+        minimum=1, maximum=1000,
+    )
+    redis_backoff_base: float = setting(
+        1.0, "GATEWAY_REDIS_BACKOFF_BASE", "First retry delay of a Redis reader, in seconds (doubles per failure).",
+        minimum=0.01, maximum=60,
+    )
+    redis_backoff_cap: float = setting(
+        30.0, "GATEWAY_REDIS_BACKOFF_CAP", "Longest retry delay of a Redis reader, before jitter.",
+        minimum=0.01, maximum=3600,
+    )
     catchup_window: float = setting(
         300.0, "GATEWAY_CATCHUP_WINDOW", "Seconds of events kept per branch for catch-up.", minimum=1, maximum=86400,
     )

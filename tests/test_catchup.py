@@ -229,7 +229,7 @@ async def test_a_since_beyond_any_stream_id_is_an_empty_answer(gateway: GatewayH
     token = gateway.staff_token()
     diner = gateway.table_token()
     # More requests than the Redis circuit breaker tolerates failures: none of them may count as one.
-    for _ in range(2 * gateway.gw.redis_breaker.failure_threshold):
+    for _ in range(2 * gateway.gw.breakers["catchup"].failure_threshold):
         response = await staff_catchup(gateway, token, since="1e20")
         assert response.json() == {"events": [], "count": 0}
         response = await session_catchup(gateway, diner, since="1e20")
@@ -318,3 +318,30 @@ async def test_session_catchup_needs_valid_parameters(gateway: GatewayHandle) ->
     for name, bad in (("session_id", "nine"), ("since", "-inf"), ("since", "")):
         response = await get(url, {**full, name: bad})
         assert response.status_code == 422, (name, bad)
+
+
+async def test_two_instances_store_each_event_once(
+    gateway_factory: Callable[..., Any], publisher: Publisher
+) -> None:
+    # Both instances deliver every stream event and both write catch-up: one copy must win (D16).
+    first = await gateway_factory()
+    second = await gateway_factory()
+    token = first.staff_token(user=1, roles=("ADMIN",))
+    admins = [await first.connect("admin", token), await second.connect("admin", token)]
+    await first.connected(1)
+    await second.connected(1)
+    for n in range(5):
+        await publisher.stream_event(publisher.envelope("ROUND_READY", 1, 2, session_id=9, entity={"n": n}))
+    for admin in admins:
+        for _ in range(5):
+            await admin.expect("ROUND_READY")
+
+    async def stored() -> list[int]:
+        response = await staff_catchup(first, token)
+        return [e["entity"]["n"] for e in response.json()["events"]]
+
+    with trio.fail_after(5):
+        while len(await stored()) < 5:  # noqa: ASYNC110 - the store is written asynchronously
+            await trio.sleep(0.02)
+    await trio.sleep(0.2)  # give a second copy every chance to land
+    assert await stored() == [0, 1, 2, 3, 4]

@@ -383,7 +383,9 @@ async def test_redis_killed_and_restarted_sockets_survive_and_breakers_cycle(
     await trio.to_thread.run_sync(redis.start)
     # A one-second revocation re-check makes the open admin socket one more Redis caller that
     # fails during the outage (and must not be closed for it, D4).
-    gw = await start_gateway(redis_url=redis.url, jwt_revalidation_interval=1.0, **FAST)
+    # Shrunk breaker and backoff timings: the state machine is the same, the outage shorter.
+    gw = await start_gateway(redis_url=redis.url, jwt_revalidation_interval=1.0, breaker_recovery=3.0,
+                             redis_backoff_base=0.2, redis_backoff_cap=1.0, **FAST)
     admin = await gw.connect("admin", gw.staff_token(user=1, roles=("ADMIN",)))
     waiter = await gw.connect("waiter", gw.staff_token(user=2, roles=("WAITER",)))
     await gw.connected(2)
@@ -448,13 +450,12 @@ async def test_redis_killed_and_restarted_sockets_survive_and_breakers_cycle(
             return (await http_get(f"{gw.url}/ws/health/detailed")).status_code
 
         async def both_open() -> bool:
-            return all([(await transitions(gw.url, name))["open"] >= 1 for name in ("redis", "pubsub")])
+            return all([(await transitions(gw.url, name))["open"] >= 1 for name in ("stream", "pubsub")])
 
-        # 5 consecutive failures open a breaker (D15); with the 1 s backoff base the pub/sub reader
-        # needs about 1+2+4+8 s (plus jitter) of outage to get there.
-        await wait_for(both_open, 40, "both breakers open", poll=0.5)
+        # 5 consecutive failures open a breaker (D15).
+        await wait_for(both_open, 40, "both breakers open", poll=0.2)
         assert await detailed_status() == 503
-        for name in ("redis", "pubsub"):
+        for name in ("stream", "pubsub"):
             assert (await transitions(gw.url, name))["closed"] == 0, name
         assert (await http_get(f"{gw.url}/ws/health")).status_code == 200
         assert all(len(pongs) >= 3 for pongs in outage_pongs.values()), outage_pongs
@@ -463,10 +464,10 @@ async def test_redis_killed_and_restarted_sockets_survive_and_breakers_cycle(
         phase["name"] = "restarted"
 
         async def both_closed() -> bool:
-            return all([(await transitions(gw.url, name))["closed"] >= 1 for name in ("redis", "pubsub")])
+            return all([(await transitions(gw.url, name))["closed"] >= 1 for name in ("stream", "pubsub")])
 
-        # Open -> half-open takes the breaker's 30 s recovery timeout.
-        await wait_for(both_closed, 60, "both breakers closed again", poll=0.5)
+        # Open -> half-open takes the breaker's recovery timeout, then trial calls close it.
+        await wait_for(both_closed, 60, "both breakers closed again", poll=0.2)
         assert await detailed_status() == 200
 
         async def some_after_restart_delivered() -> bool:
@@ -485,12 +486,12 @@ async def test_redis_killed_and_restarted_sockets_survive_and_breakers_cycle(
 
     assert closed == []
     assert after_restart, "nothing was published after the restart"
-    for name in ("redis", "pubsub"):
+    for name in ("stream", "pubsub"):
         seen = await transitions(gw.url, name)
         assert seen["open"] >= 1 and seen["half_open"] >= 1 and seen["closed"] >= 1, (name, seen)
     text = (await http_get(f"{gw.url}/ws/metrics")).text
     states = metric_samples(text, "wsgateway_breaker_state")
-    assert states[(("name", "redis"),)] == 0 and states[(("name", "pubsub"),)] == 0
+    assert states[(("name", "stream"),)] == 0 and states[(("name", "pubsub"),)] == 0
     for name, got in received.items():
         # At-least-once across the crash: an entry read but not yet acknowledged when Redis died
         # is delivered again after the restart, later than the dedup window. Nothing else repeats.
@@ -663,7 +664,7 @@ async def test_deleted_stream_recovers_its_group_and_keeps_delivering(
         assert [seq_of(f) for f in frames] == [2, 3]
         await wait_for(functools.partial(_no_pending, client, gw.settings.consumer_group), 10, "all acked")
     # A deleted stream is not a Redis outage.
-    assert gw.gw.redis_breaker.failures == 0
+    assert gw.gw.breakers["stream"].failures == 0
     assert (await http_get(f"{gw.url}/ws/health/detailed")).status_code == 200
 
 
