@@ -48,6 +48,14 @@ backend's stream publishers do; with --channel it is PUBLISHed to that pub/sub c
 """
 
 
+_DLQ_EPILOG = """examples:
+  gateway dlq list                            one JSON line per dead letter (id, original_id, error, data, ...)
+  gateway dlq replay 1764268800000-0          append that entry's data to the critical stream again
+  gateway dlq replay --all                    replay everything (after fixing what made them fail)
+A replayed entry is removed from the dead-letter stream; if it fails again it returns there.
+"""
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -182,6 +190,48 @@ def _first_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.dlq import list_dead_letters, replay_dead_letters
+    from gateway.ingest import is_redis_failure, make_client
+    from gateway.settings import redact_url_password
+
+    settings = _settings_from(argparse.Namespace())
+    url = args.redis_url or settings.redis_url
+    if not url or url.partition("://")[0] not in REDIS_SCHEMES:
+        print("gateway dlq: set REDIS_URL or --redis-url to the Redis the gateways read "
+              "(redis://, rediss:// or unix://)", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> list[str]:
+        client = make_client(url)
+        with trio.fail_after(PUBLISH_TIMEOUT):
+            async with client:
+                if args.action == "list":
+                    letters = await list_dead_letters(client, settings.dlq_stream, count=args.count)
+                    return [json.dumps(d.as_dict(), ensure_ascii=False) for d in letters]
+                ids = None if args.all else args.ids
+                replayed = await replay_dead_letters(client, settings.dlq_stream, settings.stream, ids)
+                return [f"replayed {entry_id} to {settings.stream}" for entry_id in replayed]
+
+    if args.action == "replay" and not args.all and not args.ids:
+        print("gateway dlq replay: name the entry ids to replay, or --all", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        lines = trio.run(run)
+    except Exception as exc:
+        if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
+            raise
+        print(f"gateway dlq: cannot reach {redact_url_password(url)}: {_first_error(exc)}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    if args.action == "replay" and not lines:
+        print("gateway dlq replay: nothing to replay", file=sys.stderr)
+    return 0
+
+
 def _cmd_config_doc(args: argparse.Namespace) -> int:
     sys.stdout.write(configuration_markdown())
     return 0
@@ -274,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--channel", help="PUBLISH to this channel instead of appending to the stream")
     publish.add_argument("--redis-url", help="default: REDIS_URL")
     publish.set_defaults(func=_cmd_publish)
+
+    dlq = sub.add_parser("dlq", help="inspect or replay the dead-letter stream", epilog=_DLQ_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("ids", nargs="*", help="entry ids to replay (from `gateway dlq list`)")
+    dlq.add_argument("--all", action="store_true", help="replay every entry")
+    dlq.add_argument("--count", type=int, default=100, help="entries to list (default 100)")
+    dlq.add_argument("--redis-url", help="default: REDIS_URL")
+    dlq.set_defaults(func=_cmd_dlq)
 
     doc = sub.add_parser("config-doc", help="print docs/configuration.md", epilog=_CONFIG_DOC_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,6 +1,7 @@
 """DLQ inspection and replay against a real Redis, through the real gateway."""
 
 import json
+import sys
 
 import coredis
 import trio
@@ -40,3 +41,23 @@ async def test_invalid_entry_is_dead_lettered_then_replayed_after_repair(
         assert again[0].data == letter.data
     await admin.expect_nothing(0.3)  # never valid: the admin never sees it
     assert gateway.gw.metrics.dlq.labels("invalid")._value.get() == 2
+
+
+async def test_dlq_command_lists_and_replays(gateway: GatewayHandle, publisher: Publisher, redis_url: str) -> None:
+    await publisher.stream_event(b"not json at all")
+    client = coredis.Redis.from_url(redis_url)
+    async with client:
+        with trio.fail_after(5):
+            while not await list_dead_letters(client, "events:dlq"):  # noqa: ASYNC110 - written asynchronously
+                await trio.sleep(0.02)
+    env = {"REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"}
+    listed = await trio.run_process([sys.executable, "-m", "gateway", "dlq", "list"], capture_stdout=True, env=env)
+    letters = [json.loads(line) for line in listed.stdout.decode().splitlines()]
+    assert [d["error"] for d in letters] == ["invalid: not_json"]
+    assert letters[0]["data"] == "not json at all"
+    refused = await trio.run_process([sys.executable, "-m", "gateway", "dlq", "replay"], env=env, check=False,
+                                     capture_stderr=True)
+    assert refused.returncode == 2 and b"--all" in refused.stderr
+    replayed = await trio.run_process([sys.executable, "-m", "gateway", "dlq", "replay", letters[0]["id"]],
+                                      capture_stdout=True, env=env)
+    assert replayed.stdout.decode().startswith(f"replayed {letters[0]['id']}")
