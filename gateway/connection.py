@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
-from wsproto import ConnectionState, WSConnection
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from gateway import closecodes, frames
@@ -33,7 +34,7 @@ from gateway.ratelimit import SlidingWindow
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
-    from gateway.model import Principal
+    from gateway.model import Endpoint, Principal
 
 log = logging.getLogger("gateway.connection")
 
@@ -88,7 +89,7 @@ class Connection:
         self,
         stream: trio.SocketStream,
         ws: WSConnection,
-        endpoint: str,
+        endpoint: Endpoint,
         *,
         metrics: Metrics,
         max_queue_bytes: int,

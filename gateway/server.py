@@ -215,7 +215,7 @@ async def serve_websocket(
     target = request.target.decode("latin-1")
     ws = WSConnection(ConnectionType.SERVER)
     try:
-        ws.initiate_upgrade_connection(request.headers, request.target)
+        ws.initiate_upgrade_connection(list(request.headers), request.target)
         first = next(ws.events(), None)
         if not isinstance(first, Request):
             raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
