@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from gateway.connection import WRITTEN
 from gateway.dedup import Deduper
 from gateway.frames import text_frame
 from gateway.routing import audience
@@ -71,11 +72,15 @@ class Broadcaster:
             self.metrics.events_unrouted.inc()
             return 0
         frame = text_frame(event.frame_payload)
-        sent = 0
+        sent = direct = 0
         for conn in targets:
-            if conn.deliver(frame):
+            result = conn.deliver(frame)
+            if result:
                 sent += 1
+                if result == WRITTEN:
+                    direct += 1
         self.metrics.frames_delivered.inc(sent)
+        self.metrics.direct_writes.inc(direct)
         self.metrics.delivery_latency.observe(trio.current_time() - job.received_at)
         return sent
 

@@ -46,6 +46,9 @@ _JSON_PING = '{"type":"ping"}'
 
 _ids = itertools.count(1)
 
+#: Results of :meth:`Connection.deliver`.
+DROPPED, QUEUED, WRITTEN = 0, 1, 2
+
 #: Called for ``refresh_sectors``; returns the reply text.
 RefreshSectors = Callable[["Connection"], Awaitable[str]]
 
@@ -141,10 +144,14 @@ class Connection:
         return ctx
 
     # --- write path ---------------------------------------------------------------------------
-    def deliver(self, frame: bytes) -> bool:
-        """Hand one encoded frame to this socket. Never blocks, never checkpoints."""
+    def deliver(self, frame: bytes) -> int:
+        """Hand one encoded frame to this socket. Never blocks, never checkpoints.
+
+        Returns ``WRITTEN`` (the kernel took it all), ``QUEUED`` or ``DROPPED``; the caller counts,
+        so no per-frame metric lock is taken here.
+        """
         if self.closing:
-            return False
+            return DROPPED
         if self.direct and not self.out:
             try:
                 written = os.write(self.fd, frame)
@@ -152,24 +159,28 @@ class Connection:
                 written = 0
             except OSError:
                 self._transport_failed()
-                return False
+                return DROPPED
             if written == len(frame):
-                self.metrics.direct_writes.inc()
-                return True
+                return WRITTEN
             self.head_sent = written
             self.out.append(frame)
             self.out_bytes += len(frame) - written
-            self._lot.unpark_all()
-            return True
+            self._wake_writer()
+            return QUEUED
         self.out.append(frame)
         self.out_bytes += len(frame)
         if self.out_bytes > self._max_queue:
             self.metrics.slow_consumer_closes.inc()
             log.warning("slow consumer: closing", extra=self.log_context())
             self.begin_close(closecodes.SLOW_CONSUMER, discard_pending=True)
-            return False
-        self._lot.unpark_all()
-        return True
+            return DROPPED
+        self._wake_writer()
+        return QUEUED
+
+    def _wake_writer(self) -> None:
+        # Only a parked writer needs waking; a busy one finds the new frame on its next pass.
+        if self._lot:
+            self._lot.unpark_all()
 
     def send_control(self, frame: bytes) -> None:
         """Queue a frame of ours (pong, replies) behind whatever is pending."""
