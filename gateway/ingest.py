@@ -51,6 +51,7 @@ PUBSUB_PATTERNS = (
     "tenant:*:admin",
 )
 MAX_DELIVERIES = 3
+#: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
 
 _invalid_log = RateLimitedLog(log, interval=60.0)
@@ -119,6 +120,7 @@ class _Batch:
 @attrs.define(eq=False)
 class StreamConsumer:
     gw: Gateway
+    _consumerless: dict[str, float] = attrs.Factory(dict)
     last_id: str | None = None
     processed: int = 0
 
@@ -160,7 +162,7 @@ class StreamConsumer:
                     next_reclaim = now + gw.settings.reclaim_interval
                 if now >= next_stale_check:
                     await self.remove_stale_groups()
-                    next_stale_check = now + STALE_GROUP_CHECK_INTERVAL
+                    next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, gw.settings.group_stale_after / 2)
                 entries = await gw.redis.xreadgroup(
                     self._group,
                     self._consumer,
@@ -223,7 +225,14 @@ class StreamConsumer:
             except StreamConsumerGroupError:
                 continue  # removed meanwhile by another instance
             idle = [int(c.get(b"idle", c.get("idle", 0)) or 0) for c in consumers]  # type: ignore[call-overload]
-            if idle and min(idle) >= stale_ms:
+            if idle:
+                stale = min(idle) >= stale_ms
+            else:
+                # No consumer (created, never read): its age is unknown, so time it from here.
+                first_seen = self._consumerless.setdefault(name, trio.current_time())
+                stale = trio.current_time() - first_seen >= gw.settings.group_stale_after
+            if stale:
+                self._consumerless.pop(name, None)
                 try:
                     await gw.redis.xgroup_destroy(gw.settings.stream, name)
                 except StreamConsumerGroupError:

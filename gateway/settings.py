@@ -236,7 +236,7 @@ class Settings:
     group_stale_after: float = setting(
         86400.0, "GATEWAY_GROUP_STALE_AFTER",
         "Consumer groups of other instances idle this long are deleted so they never pin stream memory.",
-        minimum=60, maximum=31536000,
+        minimum=1, maximum=31536000,
     )
     breaker_failures: int = setting(
         5, "GATEWAY_BREAKER_FAILURES", "Consecutive failures of one Redis path that open its circuit breaker.",

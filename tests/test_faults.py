@@ -711,3 +711,32 @@ async def test_backend_multi_channel_publishing_is_delivered_once(
         frames += await served(client)
         logical = sorted(f["type"] for f in frames if f["type"] != "ROUND_SUBMITTED")
         assert logical == expected[name], (name, frames)
+
+
+# --- stale groups (D14) -----------------------------------------------------------------------
+
+
+async def test_groups_of_departed_instances_are_removed(
+    start_gateway: Factory, gateway_factory: Callable[..., Any], redis_url: str
+) -> None:
+    # A departed instance's group would pin every entry it never acknowledged; the survivors
+    # delete it once its consumer has been idle for GATEWAY_GROUP_STALE_AFTER.
+    client = coredis.Redis.from_url(redis_url)
+    async with client:
+        await client.xgroup_create(STREAM, "ws_gateway_group:departed", "$", mkstream=True)
+        await client.xgroup_create(STREAM, "ws_gateway_group:never-read", "$")
+        await client.xgroup_create(STREAM, "someone_else:keep", "$")
+        # The departed instance read an entry and died before acknowledging it.
+        await client.xadd(STREAM, {"data": b"{}"})
+        await client.xreadgroup("ws_gateway_group:departed", "departed", count=1, streams={STREAM: ">"})
+        gw = await start_gateway(group_stale_after=1.0, **FAST)
+
+        async def names() -> set[bytes]:
+            return {g[b"name"] for g in await client.xinfo_groups(STREAM)}
+
+        with trio.fail_after(15):
+            while {b"ws_gateway_group:departed", b"ws_gateway_group:never-read"} & await names():  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        remaining = await names()
+    assert gw.settings.consumer_group.encode() in remaining  # its own group stays
+    assert b"someone_else:keep" in remaining  # groups outside our prefix are not ours to delete
