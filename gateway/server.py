@@ -259,10 +259,10 @@ async def serve_websocket(
         log.debug("socket closed", extra={**conn.log_context(), "code": conn.close_code and conn.close_code.code})
 
 
-def _reject(gw: Gateway, conn: Connection, close: Close, reason: str, target: str) -> Close:
+def _reject(gw: Gateway, conn: Connection, close: Close, reason: str, target: str, **who: object) -> Close:
     gw.metrics.rejections.labels(reason).inc()
     gw.count_rejection(reason)
-    log.info("socket rejected", extra={**conn.log_context(), "reason": reason, "code": close.code,
+    log.info("socket rejected", extra={**conn.log_context(), **who, "reason": reason, "code": close.code,
                                         "target": redact_target(target)})
     return close
 
@@ -295,7 +295,11 @@ async def admit(
             claims = verify_staff_token(
                 token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now
             )
-            principal = staff_principal(endpoint, claims)
+            try:
+                principal = staff_principal(endpoint, claims)
+            except AuthError as exc:  # valid token, wrong role: say whose it was
+                return _reject(gw, conn, exc.close, exc.reason, target, tenant=claims.tenant_id,
+                               branches=sorted(claims.branch_ids), user=claims.user_id)
     except AuthError as exc:
         return _reject(gw, conn, exc.close, exc.reason, target)
     conn.principal = principal
