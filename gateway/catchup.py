@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.catchup")
 
 FLUSH_INTERVAL = 0.005
+#: Appends kept in memory while Redis cannot take them.
+MAX_BUFFERED = 10000
 
 # KEYS[1]: the event's guard key; KEYS[2]: the branch's catch-up stream.
 # ARGV[1]: TTL in seconds; ARGV[2]: entries kept; ARGV[3]: the frame payload.
@@ -91,24 +93,39 @@ class CatchupStore:
         return len(events)
 
     async def writer(self) -> None:
+        """Flush buffered appends every few milliseconds, behind the catch-up breaker.
+
+        While Redis cannot take them they stay buffered (the newest ``MAX_BUFFERED``) and are
+        written once the breaker lets a trial call through; live delivery never waits for this.
+        """
         from gateway.ingest import is_redis_failure
 
+        breaker = self.gw.breakers["catchup"]
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             await trio.sleep(FLUSH_INTERVAL)
             if not self.pending:
                 continue
-            batch = self.pending
+            if not breaker.allow():
+                del self.pending[:-MAX_BUFFERED]
+                await trio.sleep(max(breaker.seconds_until_retry(), FLUSH_INTERVAL))
+                self._wakeup.set()
+                continue
+            batch = list(self.pending)
             try:
                 async with self.gw.redis.pipeline(transaction=False) as pipe:
                     self.take_into(pipe)
             except Exception as exc:
                 if not is_redis_failure(exc):
                     raise
-                # Catch-up is best effort; live delivery already happened.
-                self.gw.redis_failed(self.gw.breakers["catchup"], "catchup", exc)
-                del batch
+                self.pending[:0] = batch
+                del self.pending[:-MAX_BUFFERED]
+                self.gw.redis_failed(breaker, "catchup", exc)
+                self._wakeup.set()
+                await trio.sleep(FLUSH_INTERVAL)
+            else:
+                self.gw.redis_ok(breaker)
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         settings = self.gw.settings
@@ -192,14 +209,19 @@ class CatchupStore:
     async def _read_or_empty(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         from gateway.ingest import is_redis_failure
 
+        breaker = self.gw.breakers["catchup"]
+        if not breaker.allow():
+            return []
         try:
             with trio.fail_after(2.0):
-                return await self.read(tenant_id, branch_id, since)
+                events = await self.read(tenant_id, branch_id, since)
         except Exception as exc:
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
-            self.gw.redis_failed(self.gw.breakers["catchup"], "catchup", exc)
+            self.gw.redis_failed(breaker, "catchup", exc)
             return []
+        self.gw.redis_ok(breaker)
+        return events
 
 
 def _body(events: list[Event]) -> dict[str, Any]:
