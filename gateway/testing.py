@@ -97,6 +97,12 @@ class WSClient:
                 reason = exc.reason
                 return (reason.code if reason else None, reason.reason if reason else None)
 
+    async def still_served(self, within: float = 5.0) -> None:
+        """Ping and get exactly the pong back: the socket is open and nothing else was queued."""
+        await self.ws.send_message("ping")
+        with trio.fail_after(within):
+            assert await self.ws.get_message() == '{"type":"pong"}'
+
     async def aclose(self) -> None:
         await self.ws.aclose()
 
@@ -148,6 +154,17 @@ class GatewayHandle:
         with trio.fail_after(within):
             while len(self.gw.index) != count:  # noqa: ASYNC110 - test helper, bounded by fail_after
                 await trio.sleep(0.01)
+
+    async def settled(self, open_sockets: int, within: float = 5.0) -> None:
+        """Wait until exactly ``open_sockets`` sockets exist, all registered: nothing half-open."""
+        gw = self.gw
+        with trio.fail_after(within):
+            # The gateway signals no event when a socket is gone, so poll, bounded by the deadline.
+            while len(gw.sockets) != open_sockets or len(gw.index) != open_sockets:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert set(gw.index) == gw.sockets
+        if open_sockets == 0:
+            assert gw.index.is_empty_structurally()
 
     async def stop(self) -> None:
         self.gw.request_stop()
@@ -224,14 +241,32 @@ async def redis_url(redis_server: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def gateway_factory(nursery: trio.Nursery, redis_url: str) -> Callable[..., Awaitable[GatewayHandle]]:
+async def gateway_factory(
+    nursery: trio.Nursery, redis_url: str
+) -> AsyncIterator[Callable[..., Awaitable[GatewayHandle]]]:
+    """Start gateways; at teardown each is stopped the way a deployment stops it (a drain)."""
+    running: list[tuple[Gateway, trio.Event]] = []
+
     async def start(**overrides: Any) -> GatewayHandle:
         # A test may point its gateway at its own Redis (fault tests kill that one).
         settings = test_settings(overrides.pop("redis_url", redis_url), **overrides)
-        gw = await nursery.start(run_gateway, settings)
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await run_gateway(settings, task_status=task_status)
+            finally:
+                done.set()
+
+        gw: Gateway = await nursery.start(run)
+        running.append((gw, done))
         return GatewayHandle(gw, nursery)
 
-    return start
+    yield start
+    for gw, done in running:
+        gw.request_stop()
+        with trio.move_on_after(10):
+            await done.wait()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from gateway import routing
-from gateway.app import Gateway, run_gateway
 from gateway.events import encode_envelope, envelope
 from gateway.ingest import is_redis_failure, make_client
 from gateway.model import Event
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient, test_settings
+from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 from gateway.tokens import mint_staff_token
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
@@ -51,35 +50,12 @@ GATEWAY_BIN = Path(sys.executable).with_name("gateway")
 FAST = {"reclaim_idle": 0.5, "reclaim_interval": 0.5, "stream_block_ms": 100}
 
 
-# --- helpers -----------------------------------------------------------------------------------
-
-
 @pytest.fixture
-async def start_gateway(nursery: trio.Nursery, redis_url: str) -> AsyncIterator[Factory]:
-    """In-process gateways on any Redis (``redis_url=`` overrides), each stopped by a requested
-    drain at teardown, as a deployment stops it (an outside cancel can trip coredis' pub/sub
-    cleanup)."""
-    running: list[tuple[Gateway, trio.Event]] = []
+def start_gateway(gateway_factory: Factory) -> Factory:
+    return gateway_factory
 
-    async def start(**overrides: Any) -> GatewayHandle:
-        settings = test_settings(overrides.pop("redis_url", redis_url), **overrides)
-        done = trio.Event()
 
-        async def run(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                await run_gateway(settings, task_status=task_status)
-            finally:
-                done.set()
-
-        gw: Gateway = await nursery.start(run)
-        running.append((gw, done))
-        return GatewayHandle(gw, nursery)
-
-    yield start
-    for gw, done in running:
-        gw.request_stop()
-        with trio.move_on_after(10):
-            await done.wait()
+# --- helpers -----------------------------------------------------------------------------------
 
 
 @pytest.fixture

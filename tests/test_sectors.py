@@ -13,50 +13,22 @@ import datetime
 import itertools
 import logging
 import zoneinfo
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import trio
 from pg import PostgresCluster
 
-from gateway.app import Gateway, run_gateway
 from gateway.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import GatewayHandle, Publisher, WSClient, test_settings
+from gateway.testing import GatewayHandle, Publisher, WSClient
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
 TENANT, BRANCH = 1, 2
 _nonce = itertools.count()
-
-
-@pytest.fixture
-async def gateway_factory(nursery: trio.Nursery, redis_url: str) -> AsyncIterator[Factory]:
-    """The plugin's factory, with each gateway stopped by a requested drain at teardown (an
-    outside cancel can trip coredis' pub/sub cleanup)."""
-    running: list[tuple[Gateway, trio.Event]] = []
-
-    async def start(**overrides: Any) -> GatewayHandle:
-        settings = test_settings(overrides.pop("redis_url", redis_url), **overrides)
-        done = trio.Event()
-
-        async def run(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
-            try:
-                await run_gateway(settings, task_status=task_status)
-            finally:
-                done.set()
-
-        gw: Gateway = await nursery.start(run)
-        running.append((gw, done))
-        return GatewayHandle(gw, nursery)
-
-    yield start
-    for gw, done in running:
-        gw.request_stop()
-        with trio.move_on_after(10):
-            await done.wait()
 
 
 @pytest.fixture(scope="module")

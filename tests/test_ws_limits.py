@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.testing import GatewayHandle, Publisher, WSClient
+from gateway.testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
@@ -24,24 +24,6 @@ PONG = '{"type":"pong"}'
 def value(metric: Any, *labels: str) -> float:
     child = metric.labels(*labels) if labels else metric
     return float(child._value.get())
-
-
-async def assert_served(client: WSClient) -> None:
-    await client.send("ping")
-    with trio.fail_after(5):
-        assert await client.ws.get_message() == PONG
-
-
-async def settled(handle: GatewayHandle, open_sockets: int) -> None:
-    """Wait until only ``open_sockets`` sockets exist, all registered; nothing half-open remains."""
-    gw = handle.gw
-    with trio.fail_after(5):
-        # The gateway signals no event when a socket is gone, so poll, bounded by the deadline.
-        while len(gw.sockets) != open_sockets or len(gw.index) != open_sockets:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-    assert set(gw.index) == gw.sockets
-    if open_sockets == 0:
-        assert gw.index.is_empty_structurally()
 
 
 async def legacy_rejections(handle: GatewayHandle, reason: str) -> str:
@@ -68,20 +50,20 @@ async def test_fourth_socket_of_a_staff_user_closes_1008(gateway: GatewayHandle)
     await gateway.connected(3)
     fourth = await gateway.connect("waiter", token)
     assert await fourth.closed() == (1008, "Too many connections")
-    await settled(gateway, 3)
+    await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
     assert value(gateway.gw.metrics.rejections, "limit_user") == 1
     assert value(gateway.gw.metrics.closes, "1008") == 1
     # The legacy "limit" line counts only the process-wide limit, as the existing gateway did.
     assert await legacy_rejections(gateway, "limit") == "0"
     for client in first:
-        await assert_served(client)
+        await client.still_served()
     # Other users, and the same user id in another tenant, are not affected.
     other_user = await gateway.connect("waiter", gateway.staff_token(user=8))
     other_tenant = await gateway.connect("waiter", gateway.staff_token(user=7, tenant=2))
     await gateway.connected(5)
-    await assert_served(other_user)
-    await assert_served(other_tenant)
+    await other_user.still_served()
+    await other_tenant.still_served()
 
 
 async def test_closing_a_socket_frees_its_user_slot(gateway: GatewayHandle) -> None:
@@ -91,12 +73,12 @@ async def test_closing_a_socket_frees_its_user_slot(gateway: GatewayHandle) -> N
     refused = await gateway.connect("waiter", token)
     assert await refused.closed() == (1008, "Too many connections")
     await clients[0].aclose()
-    await settled(gateway, 2)
+    await gateway.settled(2)
     again = await gateway.connect("waiter", token)
     await gateway.connected(3)
-    await assert_served(again)
+    await again.still_served()
     for client in clients[1:]:
-        await assert_served(client)
+        await client.still_served()
 
 
 async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: GatewayHandle) -> None:
@@ -120,7 +102,7 @@ async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: 
         for _ in range(8):
             nursery.start_soon(attempt)
     assert sorted(outcomes) == ["1008 Too many connections"] * 5 + ["served"] * 3
-    await settled(gateway, 3)
+    await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
     assert value(gateway.gw.metrics.rejections, "limit_user") == 5
 
@@ -135,14 +117,14 @@ async def test_eleventh_diner_of_a_session_closes_1008(gateway: GatewayHandle) -
     await gateway.connected(11)
     eleventh = await gateway.connect("diner", gateway.table_token(session=9))
     assert await eleventh.closed() == (1008, "Too many connections")
-    await settled(gateway, 11)
+    await gateway.settled(11)
     assert gateway.gw.index.count_session(1, 9) == 10
     assert value(gateway.gw.metrics.rejections, "limit_session") == 1
     for client in [staff, *diners]:
-        await assert_served(client)
+        await client.still_served()
     other_session = await gateway.connect("diner", gateway.table_token(session=10))
     await gateway.connected(12)
-    await assert_served(other_session)
+    await other_session.still_served()
 
 
 async def test_refused_diner_receives_no_session_events(gateway: GatewayHandle, publisher: Publisher) -> None:
@@ -160,7 +142,7 @@ async def test_refused_diner_receives_no_session_events(gateway: GatewayHandle, 
     assert closed.value.reason is not None
     assert (closed.value.reason.code, closed.value.reason.reason) == (1008, "Too many connections")
     assert received == []
-    await settled(gateway, 10)
+    await gateway.settled(10)
 
 
 # --- per process -------------------------------------------------------------------------------
@@ -173,24 +155,24 @@ async def test_total_limit_closes_1013_and_a_freed_slot_is_reused(gateway_factor
     await handle.connected(2)
     third = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
     assert await third.closed() == (1013, "Try again later")
-    await settled(handle, 2)
+    await handle.settled(2)
     assert value(handle.gw.metrics.rejections, "limit_total") == 1
     assert value(handle.gw.metrics.closes, "1013") == 1
     assert await legacy_rejections(handle, "limit") == "1"
-    await assert_served(waiter)
-    await assert_served(diner)
+    await waiter.still_served()
+    await diner.still_served()
 
     await diner.aclose()
-    await settled(handle, 1)
+    await handle.settled(1)
     assert handle.gw.index.count_session(1, 9) == 0
     replacement = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
     await handle.connected(2)
-    await assert_served(replacement)
-    await assert_served(waiter)
+    await replacement.still_served()
+    await waiter.still_served()
 
     await waiter.aclose()
     await replacement.aclose()
-    await settled(handle, 0)
+    await handle.settled(0)
 
 
 async def test_credentials_are_checked_before_the_total_limit(gateway_factory: Factory) -> None:
@@ -203,9 +185,9 @@ async def test_credentials_are_checked_before_the_total_limit(gateway_factory: F
     assert await bad.closed() == (4001, "Authentication failed")
     wrong_role = await handle.connect("admin", handle.staff_token(user=2))
     assert await wrong_role.closed() == (4003, "Access denied")
-    await settled(handle, 1)
+    await handle.settled(1)
     assert value(handle.gw.metrics.rejections, "limit_total") == 0
-    await assert_served(first)
+    await first.still_served()
 
 
 async def test_every_refusal_leaves_nothing_behind(gateway_factory: Factory) -> None:
@@ -223,9 +205,9 @@ async def test_every_refusal_leaves_nothing_behind(gateway_factory: Factory) -> 
     ]
     for client, expected in refusals:
         assert await client.closed() == expected
-    await settled(handle, 2)
+    await handle.settled(2)
     for client in open_:
-        await assert_served(client)
+        await client.still_served()
         await client.aclose()
-    await settled(handle, 0)
+    await handle.settled(0)
     assert handle.gw.stats()["dead_connections_pending"] == 0

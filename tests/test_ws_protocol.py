@@ -48,29 +48,6 @@ def value(metric: Any, *labels: str) -> float:
     return float(child._value.get())
 
 
-async def assert_served(client: WSClient) -> None:
-    """The socket is open and answered: the very next message after a ping is the pong.
-
-    Anything the server had queued before (a reply to an earlier message) would come first, so
-    this also proves that earlier messages got no reply.
-    """
-    await client.send("ping")
-    with trio.fail_after(5):
-        assert await client.ws.get_message() == PONG
-
-
-async def settled(handle: GatewayHandle, open_sockets: int) -> None:
-    """Wait until only ``open_sockets`` sockets exist, all registered; nothing half-open remains."""
-    gw = handle.gw
-    with trio.fail_after(5):
-        # The gateway signals no event when a socket is gone, so poll, bounded by the deadline.
-        while len(gw.sockets) != open_sockets or len(gw.index) != open_sockets:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-    assert set(gw.index) == gw.sockets
-    if open_sockets == 0:
-        assert gw.index.is_empty_structurally()
-
-
 async def bystander(handle: GatewayHandle) -> WSClient:
     """A registered waiter socket (user 900) that must keep being served."""
     client = await handle.connect("waiter", handle.staff_token(user=900))
@@ -81,7 +58,7 @@ async def bystander(handle: GatewayHandle) -> WSClient:
 async def expect_rejected(handle: GatewayHandle, client: WSClient, code: int, reason: str,
                           *, open_sockets: int = 1) -> None:
     assert await client.closed() == (code, reason)
-    await settled(handle, open_sockets)
+    await handle.settled(open_sockets)
 
 
 def b64(data: bytes) -> str:
@@ -183,7 +160,7 @@ async def test_ping_is_answered_on_every_endpoint(gateway: GatewayHandle, endpoi
     token = gateway.table_token() if endpoint == "diner" else gateway.staff_token(roles=("ADMIN",))
     client = await gateway.connect(endpoint, token)
     await gateway.connected(1)
-    await assert_served(client)
+    await client.still_served()
     await client.send('{"type":"ping"}')
     with trio.fail_after(5):
         assert await client.ws.get_message() == PONG
@@ -196,7 +173,7 @@ async def test_other_text_gets_no_reply_and_keeps_the_socket(gateway: GatewayHan
               '{"type":"ping"', "{}", "", "refresh_sector", "pïng ✓"]
     for text in others:
         await client.send(text)
-    await assert_served(client)
+    await client.still_served()
     assert value(gateway.gw.metrics.inbound_messages, "other") == len(others)
     assert len(gateway.gw.index) == 1
 
@@ -207,7 +184,7 @@ async def test_protocol_ping_gets_protocol_pong(gateway: GatewayHandle) -> None:
     with trio.fail_after(5):
         # trio-websocket returns only when the pong with this payload arrived.
         await client.ws.ping(b"are-you-there")
-    await assert_served(client)
+    await client.still_served()
 
 
 # --- authentication (D1) -----------------------------------------------------------------------
@@ -231,7 +208,7 @@ async def test_missing_token_closes_4001(gateway: GatewayHandle, endpoint: str, 
     client = await gateway.connect(endpoint, query=query)
     await expect_rejected(gateway, client, 4001, "Missing token")
     assert value(gateway.gw.metrics.rejections, "missing_token") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 def _garbage(_: GatewayHandle) -> str:
@@ -296,7 +273,7 @@ async def test_bad_staff_token_closes_4001(
     assert value(gateway.gw.metrics.rejections, metric_reason) == 1
     assert value(gateway.gw.metrics.closes, "4001") == 1
     assert 'wsgateway_connections_rejected_total{reason="auth"} 1' in await metrics_text(gateway)
-    await assert_served(other)
+    await other.still_served()
 
 
 @pytest.mark.parametrize(
@@ -317,7 +294,7 @@ async def test_role_missing_for_endpoint_closes_4003(
     client = await gateway.connect(endpoint, gateway.staff_token(user=1, roles=roles))
     await expect_rejected(gateway, client, 4003, "Access denied")
     assert value(gateway.gw.metrics.rejections, "role") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 @pytest.mark.parametrize(
@@ -336,7 +313,7 @@ async def test_role_missing_for_endpoint_closes_4003(
 async def test_role_table_accepts(gateway: GatewayHandle, endpoint: str, roles: tuple[str, ...]) -> None:
     client = await gateway.connect(endpoint, gateway.staff_token(roles=roles))
     await gateway.connected(1)
-    await assert_served(client)
+    await client.still_served()
     assert value(gateway.gw.metrics.connections_opened, endpoint) == 1
 
 
@@ -387,7 +364,7 @@ async def test_bad_table_token_closes_4001(
     client = await gateway.connect("diner", make_token(gateway))
     await expect_rejected(gateway, client, 4001, "Authentication failed")
     assert value(gateway.gw.metrics.rejections, metric_reason) == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_legacy_table_token_is_accepted(gateway: GatewayHandle) -> None:
@@ -395,7 +372,7 @@ async def test_legacy_table_token_is_accepted(gateway: GatewayHandle) -> None:
                                     table_id=5, session_id=9)
     client = await gateway.connect("diner", token)
     await gateway.connected(1)
-    await assert_served(client)
+    await client.still_served()
     assert gateway.gw.index.count_session(1, 9) == 1
     assert value(gateway.gw.metrics.connections_opened, "diner") == 1
 
@@ -412,7 +389,7 @@ async def test_unlisted_origin_closes_4003(gateway: GatewayHandle, origin: str) 
     client = await gateway.connect("waiter", gateway.staff_token(user=1), origin=origin)
     await expect_rejected(gateway, client, 4003, "Origin not allowed")
     assert value(gateway.gw.metrics.rejections, "origin") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_origin_is_checked_before_the_token(gateway: GatewayHandle) -> None:
@@ -427,7 +404,7 @@ async def test_default_origins_and_missing_origin_allowed_in_development(
     assert gateway.settings.environment == "development"
     client = await gateway.connect("waiter", gateway.staff_token(), origin=origin)
     await gateway.connected(1)
-    await assert_served(client)
+    await client.still_served()
 
 
 async def test_missing_origin_refused_with_production_check(gateway_factory: Factory) -> None:
@@ -439,7 +416,7 @@ async def test_missing_origin_refused_with_production_check(gateway_factory: Fac
     # An empty header counts as missing.
     empty = await handle.connect("waiter", handle.staff_token(user=2), origin="")
     await expect_rejected(handle, empty, 4003, "Origin not allowed")
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_allowed_origins_setting_replaces_the_defaults(gateway_factory: Factory) -> None:
@@ -451,7 +428,7 @@ async def test_allowed_origins_setting_replaces_the_defaults(gateway_factory: Fa
     https = await handle.connect("waiter", handle.staff_token(user=3), origin="https://a.test")
     await expect_rejected(handle, https, 4003, "Origin not allowed")
     assert value(handle.gw.metrics.rejections, "origin") == 2
-    await assert_served(client)
+    await client.still_served()
 
 
 # --- frames (D6) -------------------------------------------------------------------------------
@@ -465,7 +442,7 @@ async def test_binary_frame_closes_1003(gateway: GatewayHandle) -> None:
     await expect_rejected(gateway, client, 1003, "Binary frames are not supported")
     assert value(gateway.gw.metrics.frames_rejected, "binary") == 1
     assert value(gateway.gw.metrics.closes, "1003") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 @pytest.mark.parametrize("char", ["a", "é", "€"])
@@ -475,12 +452,12 @@ async def test_text_limit_counts_characters(gateway: GatewayHandle, char: str) -
     await gateway.connected(2)
     # 65536 characters is the largest allowed message, however many bytes it takes in UTF-8.
     await client.send(char * 65536)
-    await assert_served(client)
+    await client.still_served()
     await client.send(char * 65537)
     await expect_rejected(gateway, client, 1009, "Message too large")
     assert value(gateway.gw.metrics.frames_rejected, "too_large") == 1
     assert value(gateway.gw.metrics.inbound_messages, "other") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 @pytest.mark.parametrize(
@@ -506,10 +483,10 @@ async def test_malformed_frame_fails_the_connection(
     close = await raw.close_reply()
     assert (close.code, close.reason) == (code, reason)
     # The server hangs up once the client answered, without waiting for its close timeout.
-    await settled(gateway, 1)
+    await gateway.settled(1)
     assert value(gateway.gw.metrics.frames_rejected, metric_reason) == 1
     assert value(gateway.gw.metrics.closes, str(code)) == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_well_formed_hand_made_frame_is_served(gateway: GatewayHandle) -> None:
@@ -537,7 +514,7 @@ async def test_more_than_30_messages_in_the_window_closes_4029(gateway_factory: 
     await expect_rejected(handle, client, 4029, "Rate limit exceeded")
     assert value(handle.gw.metrics.frames_rejected, "rate_limited") == 1
     assert 'wsgateway_connections_rejected_total{reason="rate_limit"} 1' in await metrics_text(handle)
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_burst_beyond_default_rate_closes_4029(gateway: GatewayHandle) -> None:
@@ -549,7 +526,7 @@ async def test_burst_beyond_default_rate_closes_4029(gateway: GatewayHandle) -> 
         except Exception:
             break
     assert await client.closed() == (4029, "Rate limit exceeded")
-    await settled(gateway, 0)
+    await gateway.settled(0)
 
 
 # --- heartbeat (D6) ----------------------------------------------------------------------------
@@ -580,10 +557,10 @@ async def test_silent_socket_closed_1001_while_pinging_ones_stay(gateway_factory
         result = await silent.closed()
         stop.set()
     assert result == (1001, "Heartbeat timeout")
-    await settled(handle, 2)
+    await handle.settled(2)
     assert value(handle.gw.metrics.closes, "1001") == 1
-    await assert_served(text_pinger)
-    await assert_served(protocol_pinger)
+    await text_pinger.still_served()
+    await protocol_pinger.still_served()
 
 
 # --- token lifetime (D3) -----------------------------------------------------------------------
@@ -596,7 +573,7 @@ async def test_staff_socket_closed_at_token_expiry(gateway: GatewayHandle) -> No
     # No message is sent: the expiry is enforced by the server's own deadline.
     await expect_rejected(gateway, client, 4001, "Token expired or revoked")
     assert value(gateway.gw.metrics.closes, "4001") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -609,7 +586,7 @@ async def test_diner_socket_closed_at_table_token_expiry(gateway: GatewayHandle,
     await gateway.connected(2)
     await expect_rejected(gateway, client, 4001, "Token expired")
     assert value(gateway.gw.metrics.closes, "4001") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 # --- revocation (D3) ---------------------------------------------------------------------------
@@ -620,11 +597,11 @@ async def test_blacklisted_jti_closes_open_socket(gateway_factory: Factory, redi
     other = await bystander(handle)
     client = await handle.connect("waiter", handle.staff_token(user=1, jti="jti-to-revoke"))
     await handle.connected(2)
-    await assert_served(client)
+    await client.still_served()
     await redis_set(redis_url, "auth:token:blacklist:jti-to-revoke", "1")
     await expect_rejected(handle, client, 4001, "Token expired or revoked")
     assert value(handle.gw.metrics.closes, "4001") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_user_revocation_after_iat_closes_open_socket(gateway_factory: Factory, redis_url: str) -> None:
@@ -637,7 +614,7 @@ async def test_user_revocation_after_iat_closes_open_socket(gateway_factory: Fac
     await redis_set(redis_url, "auth:user:revoked:1", revoked_at)
     await expect_rejected(handle, client, 4001, "Token expired or revoked")
     assert value(handle.gw.metrics.closes, "4001") == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 async def test_user_revocation_before_iat_leaves_new_tokens_alone(
@@ -654,8 +631,8 @@ async def test_user_revocation_before_iat_leaves_new_tokens_alone(
     await redis_set(redis_url, "auth:token:blacklist:sentinel", "1")
     # The revalidation round that closes the sentinel also re-checked the first socket.
     assert await sentinel.closed() == (4001, "Token expired or revoked")
-    await settled(handle, 1)
-    await assert_served(client)
+    await handle.settled(1)
+    await client.still_served()
 
 
 @pytest.mark.parametrize("revocation", ["jti", "user"])
@@ -671,7 +648,7 @@ async def test_revoked_token_refused_at_connect(gateway: GatewayHandle, redis_ur
     await expect_rejected(gateway, client, 4001, "Token expired or revoked")
     assert value(gateway.gw.metrics.rejections, "revoked") == 1
     assert gateway.gw.legacy["auth"] == 1
-    await assert_served(other)
+    await other.still_served()
 
 
 # --- Redis outage (D4) -------------------------------------------------------------------------
@@ -689,11 +666,11 @@ async def test_redis_down_at_connect_closes_1013_and_open_sockets_stay() -> None
             # An outage is not a credential problem: the legacy auth counter stays put.
             assert handle.gw.legacy["auth"] == 0
             assert value(handle.gw.metrics.closes, "4001") == 0
-            await assert_served(other)
+            await other.still_served()
             # Diners need no revocation check, so they still get in.
             diner = await handle.connect("diner", handle.table_token())
             await handle.connected(2)
-            await assert_served(diner)
+            await diner.still_served()
 
 
 # --- refresh_sectors (§3.2) --------------------------------------------------------------------
@@ -706,7 +683,7 @@ async def test_refresh_sectors_on_waiter_replies_with_sectors(gateway: GatewayHa
     with trio.fail_after(5):
         assert await client.ws.get_message() == "sectors_updated:3,7"
     assert value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 1
-    await assert_served(client)
+    await client.still_served()
 
 
 async def test_refresh_sectors_without_assignment_replies_empty(gateway: GatewayHandle) -> None:
@@ -724,7 +701,7 @@ async def test_refresh_sectors_ignored_elsewhere(gateway: GatewayHandle, endpoin
     client = await gateway.connect(endpoint, token)
     await gateway.connected(1)
     await client.send("refresh_sectors")
-    await assert_served(client)
+    await client.still_served()
     assert value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 0
 
 
@@ -739,11 +716,11 @@ async def test_client_close_1000_is_echoed_and_unregistered(gateway: GatewayHand
     echo = await raw.next_event()
     assert isinstance(echo, CloseConnection)
     assert echo.code == 1000
-    await settled(gateway, 1)
+    await gateway.settled(1)
     assert gateway.gw.index.count_user(1, 1) == 0
-    await assert_served(other)
+    await other.still_served()
     await other.aclose()
-    await settled(gateway, 0)
+    await gateway.settled(0)
 
 
 async def test_client_close_with_app_code_is_echoed(gateway: GatewayHandle) -> None:
@@ -754,7 +731,7 @@ async def test_client_close_with_app_code_is_echoed(gateway: GatewayHandle) -> N
     echo = await raw.next_event()
     assert isinstance(echo, CloseConnection)
     assert echo.code == 4000
-    await settled(gateway, 0)
+    await gateway.settled(0)
 
 
 async def test_publisher_event_still_reaches_socket_after_neighbour_rejections(
