@@ -94,6 +94,15 @@ def group_missing(exc: BaseException) -> bool:
     return isinstance(exc, StreamConsumerGroupError | UnblockedError)
 
 
+def raise_unless_redis_failure(exc: BaseException) -> None:
+    """Return when ``exc`` is only a Redis failure (the caller backs off); raise anything else."""
+    rest = strip_redis_failures(exc)
+    if rest is exc:
+        raise exc
+    if rest is not None:
+        raise rest from None
+
+
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -184,11 +193,7 @@ class StreamConsumer:
                     group_ready = False
                     group_lost = True
                     continue
-                rest = strip_redis_failures(exc)
-                if rest is exc:
-                    raise
-                if rest is not None:
-                    raise rest from None
+                raise_unless_redis_failure(exc)
                 gw.redis_failed(breaker, "stream", exc)
                 await trio.sleep(backoff.next_delay())
 
@@ -394,11 +399,7 @@ class PubSubReader:
                         await self.handle(message.get("data"), jobs)
                 raise ConnectionError("pub/sub connection ended")
             except BaseException as exc:
-                rest = strip_redis_failures(exc)
-                if rest is exc:
-                    raise
-                if rest is not None:
-                    raise rest from None
+                raise_unless_redis_failure(exc)
                 gw.redis_failed(breaker, "pubsub", exc)
                 await trio.sleep(backoff.next_delay())
 
