@@ -12,6 +12,25 @@ Started by the benchmarks (``bench/fanout.py``), never by hand. Protocol, one JS
   CLOCK_MONOTONIC is one clock for every process of the machine and, unlike ``time.time()``,
   never steps, so a publish→receive difference cannot go negative).
 
+Optional configuration keys (``raw`` only; used by ``routed.py``, ``storm.py``, ``memory.py`` and
+``soak.py``; without them the client behaves as ``fanout.py`` expects):
+
+- ``targets``: per socket, the request target (``/ws/diner?table_token=…``) instead of
+  ``<url path>?token=<token>``, so one process can hold sockets of every endpoint;
+- ``expected``: per socket, how many event frames make it complete (instead of ``events`` for
+  all); a socket expecting 0 is complete once open;
+- ``max_connecting``: handshakes in flight at once (default 64; 0 = all at once, a storm);
+- ``wait_go``: build every request, print ``{"type": "ready"}`` and wait (at most ``go_timeout``
+  s) for ``go`` on stdin before the first ``connect``, so several processes start together;
+- ``ping_on_open``: send ``ping`` right after the 101; a socket counts as connected when its
+  ``{"type":"pong"}`` arrives (the gateway reads messages only once the socket is authenticated
+  and registered, so the pong marks the end of admission);
+- ``ping_interval``: every open socket sends ``ping`` this often (seconds; spread over sockets),
+  as the TS clients do every 30 s.
+
+Per socket the result also carries ``t_start`` (before ``connect``), ``t_open`` (101 received),
+``t_pong`` (first pong received), all ``time.monotonic()``, and ``pongs``.
+
 Two implementations:
 
 - ``raw`` (default): one thread, epoll over non-blocking sockets, a minimal RFC 6455 client
@@ -43,6 +62,7 @@ from urllib.parse import urlsplit
 ORIGIN = "http://localhost:5173"
 MAX_CONNECTING = 64
 PROGRESS_INTERVAL = 0.25
+PONG = b'{"type":"pong"}'
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -86,11 +106,18 @@ class Sock:
         "error",
         "handshake",
         "i",
+        "next_ping",
         "other",
+        "pongs",
         "seqs",
+        "settled",
         "sock",
         "state",
+        "t_open",
+        "t_pong",
+        "t_start",
         "times",
+        "want",
     )
 
     def __init__(self, i: int) -> None:
@@ -104,6 +131,13 @@ class Sock:
         self.other = 0
         self.close_code: int | None = None
         self.error: str | None = None
+        self.want = 0  # event frames expected; 0: complete as soon as open
+        self.settled = False  # open (and ponged, with ping_on_open), closed or failed
+        self.pongs = 0
+        self.next_ping = 0.0
+        self.t_start: float | None = None  # time.monotonic() before connect()
+        self.t_open: float | None = None  # after the recv that completed the 101
+        self.t_pong: float | None = None  # after the recv that returned the first pong
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
@@ -125,10 +159,11 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     path = parts.path
     tokens: list[str] = cfg["tokens"]
     indices: list[int] = cfg["indices"]
-    expected = int(cfg["events"])
-    started = time.monotonic()
-    connect_deadline = started + float(cfg["connect_timeout"])
-    hard_deadline = started + float(cfg["deadline"])
+    targets: list[str] | None = cfg.get("targets")
+    wants: list[int] | None = cfg.get("expected")
+    max_connecting = int(cfg.get("max_connecting", MAX_CONNECTING)) or 1 << 30
+    ping_on_open = bool(cfg.get("ping_on_open"))
+    ping_interval = float(cfg.get("ping_interval") or 0.0)
 
     # epoll directly (not ``selectors``): fewer Python objects per ready socket.
     ep = select.epoll()
@@ -137,10 +172,12 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     os.set_blocking(stdin_fd, False)
     ep.register(stdin_fd, select.EPOLLIN)
     conns = [Sock(i) for i in indices]
+    for n, c in enumerate(conns):
+        c.want = int(cfg["events"]) if wants is None else int(wants[n])
     todo = list(range(len(conns)))
     todo.reverse()
     connecting = 0
-    opened = failed = 0
+    opened = failed = settled = 0
     connected_sent = False
     done_sent = False
     complete = 0
@@ -151,6 +188,49 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     stop = False
     stdin_buf = b""
     cpu_at_connected = None
+    # Request heads are built before the start signal, so a storm's sockets start together.
+    requests: list[bytes] = []
+    for n, token in enumerate(tokens):
+        target = targets[n] if targets is not None else f"{path}?token={token}"
+        key = base64.b64encode(os.urandom(16)).decode()
+        requests.append(
+            (
+                f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Origin: {ORIGIN}\r\n\r\n"
+            ).encode()
+        )
+    ping = client_frame(0x1, b"ping")
+
+    if cfg.get("wait_go"):
+        # Ready: wait (bounded) for "go" on stdin, so several processes start at one instant.
+        emit({"type": "ready", "client": cfg["client"]})
+        go_deadline = time.monotonic() + float(cfg.get("go_timeout", 60.0))
+        while b"go" not in stdin_buf and b"stop" not in stdin_buf:
+            if time.monotonic() >= go_deadline or not ep.poll(0.5):
+                if time.monotonic() >= go_deadline:
+                    stop = True
+                    break
+                continue
+            try:
+                chunk = os.read(stdin_fd, 4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                stop = True
+                break
+            stdin_buf += chunk
+        stop = stop or b"stop" in stdin_buf
+        stdin_buf = b""
+    started = time.monotonic()
+    connect_deadline = started + float(cfg["connect_timeout"])
+    hard_deadline = started + float(cfg["deadline"])
+
+    def settle(c: Sock) -> None:
+        nonlocal settled
+        if not c.settled:
+            c.settled = True
+            settled += 1
 
     def fail(c: Sock, why: str) -> None:
         nonlocal connecting, failed
@@ -159,6 +239,7 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
         c.state = "failed"
         c.error = why
         failed += 1
+        settle(c)
         if c.sock is not None:
             unwatch(c)
 
@@ -173,11 +254,12 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def start_more() -> None:
         nonlocal connecting
-        while todo and connecting < MAX_CONNECTING:
+        while todo and connecting < max_connecting:
             c = conns[todo.pop()]
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             c.sock = s
+            c.t_start = time.monotonic()
             rc = s.connect_ex((host, port))
             if rc not in (0, errno.EINPROGRESS):
                 c.state = "connecting"
@@ -189,19 +271,13 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             by_fd[s.fileno()] = c
             ep.register(s.fileno(), select.EPOLLOUT)
 
-    def on_writable(c: Sock) -> None:
+    def on_writable(c: Sock, n: int) -> None:
         assert c.sock is not None
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             fail(c, f"connect: {os.strerror(err)}")
             return
-        key = base64.b64encode(os.urandom(16)).decode()
-        token = token_of[c.i]
-        request = (
-            f"GET {path}?token={token} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Origin: {ORIGIN}\r\n\r\n"
-        ).encode()
+        request = requests[n]
         try:
             sent = c.sock.send(request)
         except OSError as exc:
@@ -244,9 +320,17 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 break
             opcode = b0 & 0x0F
             if opcode == 1:
-                seq = decoder.seq(buf[pos + hdr : end])
+                payload = buf[pos + hdr : end]
+                seq = decoder.seq(payload)
                 if seq is None:
-                    c.other += 1
+                    if payload == PONG:
+                        c.pongs += 1
+                        if c.t_pong is None:
+                            c.t_pong = now
+                            if ping_on_open:
+                                settle(c)
+                    else:
+                        c.other += 1
                 else:
                     seqs.append(seq)
                     c.times.append(now)
@@ -254,6 +338,7 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 payload = buf[pos + hdr : end]
                 c.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 c.state = "closed"
+                settle(c)
             elif opcode == 9 and c.sock is not None:
                 with contextlib.suppress(OSError):
                     c.sock.send(client_frame(0xA, buf[pos + hdr : end]))
@@ -264,11 +349,11 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
         got = len(seqs) - before
         if got:
             total_frames += got
-            if before < expected <= len(seqs):
+            if before < c.want <= len(seqs):
                 complete += 1
 
     def on_readable(c: Sock) -> None:
-        nonlocal connecting, opened
+        nonlocal connecting, opened, complete
         assert c.sock is not None
         try:
             data = c.sock.recv(262144)
@@ -288,6 +373,7 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 c.state = "closed"
                 if c.close_code is None:
                     c.close_code = 1006
+                settle(c)
             unwatch(c)
             return
         if c.state == "handshake":
@@ -305,31 +391,59 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 fail(c, f"handshake: {status.decode(errors='replace')}")
                 return
             c.state = "open"
+            c.t_open = now
             connecting -= 1
             opened += 1
+            if c.want <= 0:
+                complete += 1
+            if ping_on_open:
+                try:
+                    c.sock.send(ping)
+                except OSError as exc:
+                    c.error = f"ping: {exc}"
+            else:
+                settle(c)
+            if ping_interval > 0:
+                # Spread the periodic pings over the interval.
+                c.next_ping = now + ping_interval * (0.5 + (c.i * 0.618034) % 1.0)
             if rest:
                 on_frames(c, rest, now)
             return
         on_frames(c, data, now)
 
-    token_of = dict(zip(indices, tokens, strict=True))
-    start_more()
-    while True:
+    def ping_due(now: float) -> None:
+        for c in conns:
+            if c.state == "open" and c.sock is not None and 0 < c.next_ping <= now:
+                c.next_ping = now + ping_interval
+                with contextlib.suppress(OSError):
+                    c.sock.send(ping)
+
+    index_of = {c.i: n for n, c in enumerate(conns)}
+    next_ping_sweep = started + 1.0
+    if not stop:
+        start_more()
+    while not stop:
         now_m = time.monotonic()
         if now_m >= hard_deadline:
             break
-        if not connected_sent and (opened + failed == len(conns) or now_m >= connect_deadline):
+        if not connected_sent and (settled == len(conns) or now_m >= connect_deadline):
             for c in conns:
                 if c.state in ("new", "connecting", "handshake"):
                     if c.state == "new":
                         c.state = "connecting"
                         connecting += 1
                     fail(c, "connect timeout")
+                elif c.state == "open" and not c.settled:
+                    c.error = "no pong before the connect timeout"
+                    settle(c)
             todo.clear()
             errors: dict[str, int] = {}
             for c in conns:
                 if c.state == "failed":
                     errors[c.error or "?"] = errors.get(c.error or "?", 0) + 1
+                elif c.state == "closed":
+                    key = f"closed {c.close_code}"
+                    errors[key] = errors.get(key, 0) + 1
             emit(
                 {
                     "type": "connected",
@@ -342,8 +456,6 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             )
             connected_sent = True
             cpu_at_connected = cpu_seconds()
-        if stop:
-            break
         events = ep.poll(0.05)
         for fd, _mask in events:
             target = by_fd.get(fd)
@@ -364,12 +476,15 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                     stop = True
                 continue
             if target.state == "connecting":  # writable, or an error: on_writable reads SO_ERROR
-                on_writable(target)
+                on_writable(target, index_of[target.i])
             elif target.sock is not None:
                 on_readable(target)
-        if todo and connecting < MAX_CONNECTING:
+        if todo and connecting < max_connecting:
             start_more()
         now_m = time.monotonic()
+        if ping_interval > 0 and now_m >= next_ping_sweep:
+            ping_due(now_m)
+            next_ping_sweep = now_m + 1.0
         if (
             connected_sent
             and total_frames != last_reported
@@ -405,15 +520,21 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
         "open": opened,
         "failed": failed,
         "cpu_s_receive": round(cpu_end - (cpu_at_connected or cpu_end), 3),
+        "cpu_s_total": round(cpu_end, 3),
+        "started": started,
         "sockets": [
             {
                 "i": c.i,
                 "seq": c.seqs,
                 "t": c.times,
                 "other": c.other,
+                "pongs": c.pongs,
                 "close": c.close_code,
                 "state": c.state,
                 "error": c.error,
+                "t_start": c.t_start,
+                "t_open": c.t_open,
+                "t_pong": c.t_pong,
             }
             for c in conns
         ],

@@ -273,10 +273,16 @@ class GatewayProcess:
         env: Mapping[str, str],
         log_dir: str | None = None,
         source: str | None = None,
+        cmd: Sequence[str] | None = None,
     ) -> None:
-        """``source``: a directory holding a ``gateway`` package to run instead of the work tree's."""
+        """``source``: a directory holding a ``gateway`` package to run instead of the work tree's.
+
+        ``cmd``: the command to run instead of ``gateway serve --port <port> --host 127.0.0.1``
+        (it must serve on ``port``; ``memory.py --tracemalloc`` runs a traced gateway this way).
+        """
         self.port = port
         self.source = source
+        self.cmd = list(cmd) if cmd is not None else None
         self.extra_env = dict(env)
         self._log_dir = log_dir or tempfile.mkdtemp(prefix="gw-bench-")
         self.log_path = os.path.join(self._log_dir, "gateway.log")
@@ -308,6 +314,8 @@ class GatewayProcess:
         exe = VENV_BIN / "gateway"
         cmd = [str(exe)] if exe.exists() else [python_exe(), "-m", "gateway"]
         cmd += ["serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        if self.cmd is not None:
+            cmd = self.cmd
         with open(self.log_path, "ab") as logfile:
             self.proc = subprocess.Popen(
                 cmd,
@@ -430,6 +438,17 @@ class Resp:
     def call(self, *args: bytes | str | int | float) -> Any:
         self.sock.sendall(self.encode(*args))
         return self._read()
+
+    def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]]) -> list[Any]:
+        """Several commands in one write, then their replies in order (errors returned, not raised)."""
+        self.sock.sendall(b"".join(self.encode(*c) for c in commands))
+        out: list[Any] = []
+        for _ in commands:
+            try:
+                out.append(self._read())
+            except RespError as exc:
+                out.append(exc)
+        return out
 
     def _read(self) -> Any:
         line = self.reader.readline()
@@ -767,3 +786,378 @@ def group_by(items: Iterable[tuple[Any, Any]]) -> dict[Any, list[Any]]:
     for k, v in items:
         out[k].append(v)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by routed.py, storm.py, memory.py and soak.py (fanout.py keeps its own copies)
+# --------------------------------------------------------------------------------------------
+
+CLIENT_SCRIPT = Path(__file__).resolve().parent / "_client.py"
+
+
+def rel(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def proc_memory(pid: int | None) -> dict[str, int] | None:
+    """Memory of a process in kB from ``/proc/<pid>/status`` (VmRSS, VmHWM, RssAnon, ...)."""
+    if pid is None:
+        return None
+    wanted = ("VmRSS", "VmHWM", "VmSize", "VmData", "RssAnon", "RssFile", "RssShmem", "Threads")
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name in wanted:
+                    out[name] = int(value.split()[0])
+    except OSError:
+        return None
+    return out
+
+
+def proc_fd_count(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def kernel_socket_memory() -> dict[str, int]:
+    """Machine-wide TCP socket memory from ``/proc/net/sockstat`` (pages of 4 kB) and counts."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/net/sockstat") as fh:
+        for line in fh:
+            if line.startswith("TCP:"):
+                parts = line.split()[1:]
+                for name, value in zip(parts[::2], parts[1::2], strict=False):
+                    out[name] = int(value)
+    return out
+
+
+def wait_for_quiet_host(limit: float, threshold: float) -> float:
+    """Sample the machine's busy cores each second until below ``threshold`` or ``limit`` s passed.
+
+    Returns the last sample: the load other users put on the host just before the run.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_cpu()
+        time.sleep(1.0)
+        after = machine_cpu()
+        busy = round(after[0] - before[0], 2)
+        if busy < threshold or time.monotonic() >= deadline:
+            if limit > 0:
+                log(
+                    f"host busy: {busy} cores before the run"
+                    + ("" if busy < threshold else " (not quiet)")
+                )
+            return busy
+        log(f"host busy: {busy} cores, waiting for < {threshold}")
+
+
+def dispatch_stats(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """The gateway's own histogram: from reading an event to its last frame handed to the kernel.
+
+    Mean from sum/count; p50/p99 as the upper bound of the bucket that holds them.
+    """
+    prefix = "wsgateway_delivery_latency_seconds"
+    count = metrics.get(f"{prefix}_count") or 0.0
+    total = metrics.get(f"{prefix}_sum") or 0.0
+    buckets = sorted(
+        (float(name.split('le="', 1)[1].rstrip('"}')), value)
+        for name, value in metrics.items()
+        if name.startswith(f"{prefix}_bucket") and "+Inf" not in name
+    )
+
+    def upper(q: float) -> float | None:
+        for le, cumulative in buckets:
+            if count and cumulative >= q * count:
+                return round(le * 1000, 2)
+        return None
+
+    return {
+        "events": count,
+        "mean": round(total / count * 1000, 2) if count else None,
+        "p50_le": upper(0.5),
+        "p99_le": upper(0.99),
+    }
+
+
+def metric_sum(metrics: Mapping[str, float], name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets), 0 when absent."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+class ClientProcess:
+    """One ``_client.py`` process; a thread turns its stdout lines into items of ``inbox``."""
+
+    def __init__(
+        self,
+        k: int,
+        cfg: Mapping[str, Any],
+        inbox: Any,  # queue.Queue[tuple[int, dict[str, Any]]]
+        log_dir: str,
+    ) -> None:
+        import threading
+
+        self.k = k
+        self.stderr_path = os.path.join(log_dir, f"client-{k}.log")
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [python_exe(), str(CLIENT_SCRIPT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=str(ROOT),
+                start_new_session=True,
+            )
+        self.send((json.dumps(dict(cfg)) + "\n").encode())
+        self.thread = threading.Thread(target=self._read, args=(inbox,), daemon=True)
+        self.thread.start()
+
+    def _read(self, inbox: Any) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                inbox.put((self.k, json.loads(line)))
+        inbox.put((self.k, {"type": "eof"}))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, data: bytes) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+
+    def go(self) -> None:
+        self.send(b"go\n")
+
+    def stop(self) -> None:
+        self.send(b"stop\n")
+
+    def log_tail(self) -> str:
+        try:
+            return Path(self.stderr_path).read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+class Stack:
+    """A private redis-server and the gateway as its own process; ``close`` stops both.
+
+    ``env`` is added to the gateway's environment (``REDIS_URL``, ``LOG_LEVEL=WARNING`` and
+    ``GATEWAY_INSTANCE_ID`` are set here); ``gateway_ref`` runs a ``git archive`` snapshot.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        log_dir: str,
+        gateway_ref: str | None = None,
+        cmd_factory: Any = None,  # Callable[[int], list[str]] | None: the gateway command
+    ) -> None:
+        self.env = dict(env)
+        self.log_dir = log_dir
+        self.gateway_ref = gateway_ref
+        self.cmd_factory = cmd_factory
+        self.redis: Any = None
+        self.gw: GatewayProcess | None = None
+        self.code_identity: dict[str, Any] = {}
+
+    def start(self) -> GatewayProcess:
+        from gateway.redis_server import RedisConfig, RedisProcess, free_port
+
+        self.redis = RedisProcess(RedisConfig(port=0))
+        self.redis.start()
+        log(f"redis-server {self.redis.url} (pid {self.redis.pid})")
+        port = free_port()
+        env = {
+            "REDIS_URL": self.redis.url,
+            "LOG_LEVEL": "WARNING",
+            "GATEWAY_INSTANCE_ID": f"bench-{os.getpid()}",
+            **self.env,
+        }
+        source = None
+        if self.gateway_ref:
+            source = os.path.join(self.log_dir, "src")
+            ref = export_gateway(self.gateway_ref, source)
+            self.code_identity = gateway_code_identity(ref, source)
+            log(f"gateway code: {self.gateway_ref} = {ref} (snapshot in {source})")
+        else:
+            self.code_identity = gateway_code_identity()
+        cmd = self.cmd_factory(port) if self.cmd_factory is not None else None
+        self.gw = GatewayProcess(port=port, env=env, log_dir=self.log_dir, source=source, cmd=cmd)
+        self.gw.start()
+        self.gw.wait_healthy(timeout=30)
+        log(f"gateway {self.gw.base_url} (pid {self.gw.pid})")
+        return self.gw
+
+    @property
+    def redis_pid(self) -> int | None:
+        return self.redis.pid if self.redis is not None else None
+
+    def close(self) -> None:
+        try:
+            if self.gw is not None:
+                self.gw.stop()
+        finally:
+            if self.redis is not None:
+                self.redis.close()
+
+
+def wait_registered(
+    gw: GatewayProcess, count: int, timeout: float, *, stall: float = 10.0, poll: float = 0.1
+) -> tuple[int, float]:
+    """Poll ``/ws/health`` until ``total_connections`` >= count; returns (registered, seconds).
+
+    Gives up after ``timeout`` s, or after ``stall`` s without any change of the count.
+    """
+    t0 = time.monotonic()
+    registered = -1
+    last_change = t0
+    while True:
+        now = time.monotonic()
+        if now - t0 >= timeout or now - last_change >= stall:
+            break
+        try:
+            value = int(gw.health().get("total_connections", -1))
+        except (OSError, urllib.error.URLError, ValueError):
+            value = registered
+        if value != registered:
+            registered, last_change = value, time.monotonic()
+        if registered >= count:
+            break
+        time.sleep(poll)
+    return registered, time.monotonic() - t0
+
+
+def host_info() -> dict[str, Any]:
+    import platform
+    import resource
+
+    return {
+        "cpus": os.cpu_count() or 1,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "fd_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM raises KeyboardInterrupt, so every child is stopped in ``finally``."""
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def tcp_counters() -> dict[str, int]:
+    """Machine-wide TCP counters that show an overflowing listen queue or retransmitted SYNs.
+
+    From ``/proc/net/netstat`` (TcpExt) and ``/proc/net/snmp`` (Tcp); other users of the host
+    count too, so compare a delta over a short window.
+    """
+    wanted = {
+        "ListenOverflows",
+        "ListenDrops",
+        "TCPSynRetrans",
+        "TCPReqQFullDrop",
+        "TCPReqQFullDoCookies",
+        "SyncookiesSent",
+        "TCPBacklogDrop",
+        "RetransSegs",
+        "AttemptFails",
+        "EstabResets",
+        "ActiveOpens",
+        "PassiveOpens",
+    }
+    out: dict[str, int] = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        try:
+            with open(path) as fh:
+                lines = fh.read().splitlines()
+        except OSError:
+            continue
+        for head, values in zip(lines[::2], lines[1::2], strict=False):
+            names = head.split()[1:]
+            nums = values.split()[1:]
+            for name, num in zip(names, nums, strict=False):
+                if name in wanted:
+                    with contextlib.suppress(ValueError):
+                        out[name] = int(num)
+    return out
+
+
+def counter_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in sorted(after)}
+
+
+class HealthPoller:
+    """``GET /ws/health`` over one keep-alive connection (a storm should not get extra sockets)."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.conn: Any = None
+
+    def total(self) -> int | None:
+        """``total_connections``, or None when the gateway did not answer (twice)."""
+        import http.client
+
+        for _attempt in range(2):
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection(
+                        "127.0.0.1", self.port, timeout=self.timeout
+                    )
+                self.conn.request("GET", "/ws/health")
+                body = json.loads(self.conn.getresponse().read())
+                return int(body.get("total_connections", -1))
+            except (OSError, ValueError, http.client.HTTPException):
+                self.close()
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+
+def finish_profile(spy: subprocess.Popen[bytes], results_dir: Path, name: str) -> dict[str, Any]:
+    """Wait for py-spy's output; write the hot-spot table and a flame graph next to the JSON."""
+    try:
+        _, err = spy.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop_process(spy)
+        err = b""
+    folded = results_dir / f"{name}.folded"
+    if not folded.exists() or not folded.stat().st_size:
+        log(f"py-spy produced no output: {err.decode(errors='replace')[-300:]}")
+        return {"error": "no py-spy output"}
+    summary = profile_summary(folded)
+    top_txt = results_dir / f"{name}.top.txt"
+    top_txt.write_text(format_profile(summary))
+    svg = results_dir / f"profile-{name}.svg"
+    render_flamegraph(folded, svg, f"gateway, {name}")
+    log("gateway profile (py-spy):\n" + format_profile(summary, top=15))
+    return {
+        "samples": summary["samples"],
+        "idle_samples": summary["idle_samples"],
+        "svg": rel(svg),
+        "top": rel(top_txt),
+        "self_top5": [f"{r['percent']}% {r['function']}" for r in summary["self"][:5]],
+        "inclusive_top10": [f"{r['percent']}% {r['function']}" for r in summary["inclusive"][:10]],
+    }

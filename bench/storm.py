@@ -1,0 +1,524 @@
+#!/usr/bin/env python3
+"""Reconnect storm: N clients connect at the same instant; how long until all are registered?
+
+    .venv/bin/python bench/storm.py --sockets 1000 [--clients 4] [--population mix|waiter|diner]
+    .venv/bin/python bench/storm.py --sockets 5000
+
+What it does, every step bounded in time:
+
+1. starts a private ``redis-server`` and the gateway as its own process (``WS_MAX_TOTAL_CONNECTIONS``
+   = N + 1000, ``WS_MAX_CONNECTIONS_PER_USER`` = 100, ``WS_HEARTBEAT_TIMEOUT`` = 3600, every other
+   setting at its default: the listen backlog is the kernel's ``somaxconn``);
+2. starts K client processes (``bench/_client.py``, raw epoll client); each builds its requests
+   and reports ready; then all get ``go`` at once and open all their sockets without any limit
+   on handshakes in flight (``max_connecting`` 0) — what a gateway restart does to it when every
+   client reconnects at once;
+3. each socket sends ``ping`` as soon as its 101 arrives; the gateway reads messages only after
+   authentication (JWT or table token, revocation ``MGET`` for staff) and registration, so the
+   ``{"type":"pong"}`` marks the end of admission. Per socket the client records ``t_start``
+   (before ``connect``), ``t_open`` (101 received) and ``t_pong``;
+4. meanwhile the benchmark polls ``/ws/health`` (one keep-alive connection, every 50 ms) for
+   ``total_connections``: ``all_registered_s`` is from ``go`` to the first poll that sees N;
+5. reports handshake (``t_open − t_start``) and handshake+auth (``t_pong − t_start``) p50/p99/max,
+   failures (no 101, no pong, or closed: with their reasons), the gateway's CPU per socket, the
+   kernel's listen-queue counters (``ListenOverflows``, ``TCPSynRetrans``… from /proc/net) and
+   which resource saturated; ONE JSON line on stdout, JSON + PNG under ``bench/results/``.
+
+Population ``mix`` (default) is the routed benchmark's (per branch: 2 admins, 6 waiters with
+sector claims, 1 kitchen, 20 diners), cut at N; ``waiter`` is N plain waiters (every one a Redis
+revocation ``MGET``); ``diner`` is N diners (no Redis work at admission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import queue
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    RESULTS,
+    ClientProcess,
+    CpuSnapshot,
+    HealthPoller,
+    Stack,
+    bottleneck,
+    counter_delta,
+    finish_profile,
+    host_info,
+    install_sigterm_handler,
+    log,
+    metric_sum,
+    percentiles,
+    proc_fd_count,
+    proc_memory,
+    rel,
+    stamp,
+    start_py_spy,
+    stop_process,
+    tcp_counters,
+    wait_for_quiet_host,
+    write_json,
+)
+from routed import TENANT, build_population
+
+from gateway.settings import Settings
+from gateway.tokens import mint_staff_token, mint_table_token
+
+
+def population_targets(kind: str, n: int, settings: Settings) -> tuple[list[str], list[str]]:
+    """(request targets, kinds) of N sockets."""
+    if kind == "mix":
+        specs = build_population(math.ceil(n / 29), settings=settings)[:n]
+        return [s.target for s in specs], [s.kind for s in specs]
+    targets: list[str] = []
+    for i in range(n):
+        if kind == "waiter":
+            token = mint_staff_token(
+                secret=settings.jwt_secret,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                user_id=2_000_000 + i,
+                tenant_id=TENANT,
+                branch_ids=[1 + i % 100],
+                roles=["WAITER"],
+                ttl=4 * 3600,
+            )
+            targets.append(f"/ws/waiter?token={token}")
+        else:
+            sid = 300_000 + i // 2
+            token = mint_table_token(
+                secret=settings.table_token_secret,
+                tenant_id=TENANT,
+                branch_id=1 + i % 100,
+                table_id=sid,
+                session_id=sid,
+                ttl=4 * 3600,
+            )
+            targets.append(f"/ws/diner?table_token={token}")
+    return targets, [kind] * n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Reconnect storm (see the module docstring).")
+    p.add_argument("--sockets", type=int, default=1000, help="clients connecting at once (1000)")
+    p.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
+    p.add_argument("--population", choices=("mix", "waiter", "diner"), default="mix")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds for every socket to get its pong (default 60)",
+    )
+    p.add_argument("--poll-interval", type=float, default=0.05, help="/ws/health polling, s (0.05)")
+    p.add_argument("--hold", type=float, default=2.0, help="seconds to hold the sockets after")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway from go until all are registered (adds latency: profile only)",
+    )
+    p.add_argument("--profile-rate", type=int, default=200)
+    p.add_argument(
+        "--gc-log",
+        action="store_true",
+        help="run the gateway in memory.py's instrumented mode and report garbage-collector "
+        "pauses during the storm",
+    )
+    p.add_argument("--wait-idle", type=float, default=0.0)
+    p.add_argument("--idle-threshold", type=float, default=0.5)
+    p.add_argument("--gateway-ref", default=None)
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    if not 1 <= args.sockets <= 15000:
+        p.error("--sockets must be within 1..15000")
+    if not 1 <= args.clients <= 16 or args.clients > args.sockets:
+        p.error("--clients must be within 1..16 and not above --sockets")
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if args.sockets + 200 > soft or math.ceil(args.sockets / args.clients) + 100 > soft:
+        p.error(f"ulimit -n is {soft}: too low for {args.sockets} sockets in one gateway")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = stamp()
+    n = args.sockets
+    name = (
+        f"storm-{started}-n{n}-c{args.clients}-{args.population}"
+        + ("-prof" if args.profile else "")
+        + ("-gc" if args.gc_log else "")
+    )
+    spy: subprocess.Popen[bytes] | None = None
+    log_dir = tempfile.mkdtemp(prefix="gw-bench-")
+    settings = Settings.from_env({})
+    targets, kinds = population_targets(args.population, n, settings)
+    stack: Stack | None = None
+    clients: list[ClientProcess] = []
+    poller: HealthPoller | None = None
+    inbox: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+    ok = False
+    try:
+        host_busy = wait_for_quiet_host(args.wait_idle, args.idle_threshold)
+        env = {
+            "WS_MAX_CONNECTIONS_PER_USER": "100",
+            "WS_MAX_TOTAL_CONNECTIONS": str(n + 1000),
+            "WS_HEARTBEAT_TIMEOUT": "3600",
+        }
+        gc_log = os.path.join(log_dir, "gc.json") if args.gc_log else None
+        factory = None
+        if gc_log:
+            from memory import instrumented_cmd
+
+            def factory(port: int) -> list[str]:
+                return instrumented_cmd(port, frames=0, snapshot_dir=None, gc_log=gc_log)
+
+        stack = Stack(env, log_dir=log_dir, gateway_ref=args.gateway_ref, cmd_factory=factory)
+        gw = stack.start()
+        assert gw.port is not None
+        poller = HealthPoller(gw.port)
+        deadline = args.connect_timeout + args.hold + 60
+        for k in range(args.clients):
+            idx = list(range(k, n, args.clients))
+            cfg = {
+                "client": k,
+                "url": f"{gw.ws_url}/ws/waiter",
+                "tokens": ["-"] * len(idx),
+                "targets": [targets[i] for i in idx],
+                "indices": idx,
+                "events": 0,
+                "connect_timeout": args.connect_timeout,
+                "deadline": deadline,
+                "max_connecting": 0,
+                "wait_go": True,
+                "go_timeout": 60,
+                "ping_on_open": True,
+            }
+            clients.append(ClientProcess(k, cfg, inbox, log_dir))
+        ready: set[int] = set()
+        until = time.monotonic() + 60
+        while len(ready) < len(clients):
+            if time.monotonic() > until:
+                raise RuntimeError("client processes did not get ready in 60 s")
+            with contextlib.suppress(queue.Empty):
+                k, msg = inbox.get(timeout=0.2)
+                if msg["type"] == "ready":
+                    ready.add(k)
+                elif msg["type"] == "eof":
+                    raise RuntimeError(f"client {k} exited early:\n{clients[k].log_tail()}")
+        time.sleep(1.0)  # let the client processes' start-up CPU settle
+        rss0 = proc_memory(gw.pid) or {}
+        pids: dict[str, int | None] = {"gateway": gw.pid, "redis": stack.redis_pid}
+        pids.update({f"client{c.k}": c.pid for c in clients})
+        tcp0 = tcp_counters()
+        metrics0 = gw.metrics()
+        log(f"{len(clients)} client processes ready; go: {n} sockets ({args.population}) at once")
+
+        # --- the storm -------------------------------------------------------------------------
+        if args.profile:
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            assert gw.pid is not None
+            spy = start_py_spy(
+                gw.pid,
+                int(args.connect_timeout) + 5,
+                args.results_dir / f"{name}.folded",
+                rate=args.profile_rate,
+            )
+            time.sleep(0.5)  # py-spy attaches
+        snap0 = CpuSnapshot(pids)
+        t_go = time.monotonic()
+        for c in clients:
+            c.go()
+        timeline: list[tuple[float, int]] = []
+        connected: dict[int, dict[str, Any]] = {}
+        all_registered_s: float | None = None
+        snap_registered: CpuSnapshot | None = None
+        until = t_go + args.connect_timeout + 10
+        next_poll = t_go
+        while time.monotonic() < until:
+            now = time.monotonic()
+            if now >= next_poll and all_registered_s is None:
+                total = poller.total()
+                t_seen = time.monotonic()
+                if total is not None:
+                    timeline.append((round(t_seen - t_go, 4), total))
+                    if total >= n:
+                        all_registered_s = t_seen - t_go
+                        snap_registered = CpuSnapshot(pids)
+                        log(f"all {n} registered after {all_registered_s:.3f} s (/ws/health)")
+                next_poll = now + args.poll_interval
+            with contextlib.suppress(queue.Empty):
+                k, msg = inbox.get(timeout=max(min(next_poll - time.monotonic(), 0.02), 0.001))
+                if msg["type"] == "connected":
+                    connected[k] = msg
+                elif msg["type"] == "eof":
+                    raise RuntimeError(f"client {k} exited early:\n{clients[k].log_tail()}")
+            if len(connected) == len(clients) and (
+                all_registered_s is not None
+                or sum(m["failed"] for m in connected.values()) > 0
+                or time.monotonic() - t_go > args.connect_timeout
+            ):
+                break
+        snap1 = CpuSnapshot(pids)
+        if spy is not None and spy.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        if not gw.alive():
+            raise RuntimeError(f"gateway died during the storm; log:\n{gw.log_tail()}")
+        tcp1 = tcp_counters()
+        time.sleep(args.hold)
+        final_total = poller.total()
+        rss1 = proc_memory(gw.pid) or {}
+        fds = proc_fd_count(gw.pid)
+        metrics1 = gw.metrics()
+
+        # --- collect ---------------------------------------------------------------------------
+        results: dict[int, dict[str, Any]] = {}
+        for c in clients:
+            c.stop()
+        collect_until = time.monotonic() + 60
+        eof: set[int] = set()
+        while len(results) < len(clients) and time.monotonic() < collect_until:
+            with contextlib.suppress(queue.Empty):
+                k, msg = inbox.get(timeout=0.2)
+                if msg["type"] == "result":
+                    results[k] = msg
+                elif msg["type"] == "eof":
+                    eof.add(k)
+            if all(k in results or k in eof for k in range(len(clients))):
+                break
+        if len(results) < len(clients):
+            raise RuntimeError("no result from every client process")
+
+        # --- analyse ---------------------------------------------------------------------------
+        handshake: list[float] = []
+        admission: list[float] = []
+        start_spread: list[float] = []
+        pong_at: list[float] = []
+        open_at: list[float] = []
+        failures: dict[str, int] = {}
+        by_kind: dict[str, list[float]] = {}
+        for res in results.values():
+            for s in res["sockets"]:
+                if s["t_start"] is not None:
+                    start_spread.append((s["t_start"] - t_go) * 1000)
+                ok_socket = s["state"] == "open" and s["t_pong"] is not None
+                if s["t_open"] is not None and s["t_start"] is not None:
+                    handshake.append((s["t_open"] - s["t_start"]) * 1000)
+                    open_at.append(s["t_open"] - t_go)
+                if ok_socket:
+                    lat = (s["t_pong"] - s["t_start"]) * 1000
+                    admission.append(lat)
+                    pong_at.append(s["t_pong"] - t_go)
+                    by_kind.setdefault(kinds[s["i"]], []).append(lat)
+                else:
+                    if s["state"] == "closed":
+                        why = f"closed {s['close']}"
+                    else:
+                        why = s["error"] or s["state"]
+                    failures[why] = failures.get(why, 0) + 1
+        failed = sum(failures.values())
+        util = snap0.delta(snap_registered or snap1)
+        neck = bottleneck(util, ncpu=os.cpu_count() or 1)
+        gw_cpu = util["cpu_s"].get("gateway", 0.0)
+        hs = percentiles(handshake, (50, 99))
+        adm = percentiles(admission, (50, 99))
+        all_ponged_s = max(pong_at) if pong_at and not failed else None
+        tcp = counter_delta(tcp0, tcp1)
+        rejected = {
+            k.split('reason="', 1)[1].rstrip('"}'): v - metrics0.get(k, 0.0)
+            for k, v in metrics1.items()
+            if k.startswith("wsgateway_rejections_total{") and 'reason="' in k
+        }
+        goal_s = 2.0 if n <= 1000 else None
+        result: dict[str, Any] = {
+            "bench": "storm",
+            "sockets": n,
+            "population": args.population,
+            "client_processes": args.clients,
+            "registered": final_total,
+            "failures": failed,
+            "failure_reasons": failures,
+            "all_registered_s": round(all_registered_s, 3) if all_registered_s else None,
+            "all_ponged_s": round(all_ponged_s, 3) if all_ponged_s else None,
+            "all_101_s": round(max(open_at), 3) if open_at else None,
+            "handshake_ms": {k: round(v, 2) for k, v in hs.items()},
+            "handshake_auth_ms": {k: round(v, 2) for k, v in adm.items()},
+            "handshake_auth_p99_ms_by_kind": {
+                k: round(percentiles(v, (99,))["p99"], 2) for k, v in sorted(by_kind.items())
+            },
+            "connect_issue_spread_ms": {
+                k: round(v, 2) for k, v in percentiles(start_spread, (50, 99)).items()
+            },
+            "gateway_cpu_s": gw_cpu,
+            "gateway_cpu_ms_per_socket": round(gw_cpu / max(len(admission), 1) * 1000, 3),
+            "gateway_cores": util["cores"].get("gateway"),
+            "bottleneck": neck["summary"],
+            "cpu_cores": {
+                **util["cores"],
+                "machine_busy_cores": util["machine_busy_cores"],
+                "outside_benchmark": util["other_cores"],
+                "machine_by_kind": util["machine_cores_by_kind"],
+            },
+            "window_s": util["wall_s"],
+            "tcp_counters_delta": tcp,
+            "gateway_rejections": {k: v for k, v in rejected.items() if v},
+            "gateway_rss_mb": {
+                "before": round(rss0.get("VmRSS", 0) / 1024, 1),
+                "after": round(rss1.get("VmRSS", 0) / 1024, 1),
+                "hwm": round(rss1.get("VmHWM", 0) / 1024, 1),
+            },
+            "gateway_fds": fds,
+            "goals": {
+                "all_registered_le_2s": (
+                    all_registered_s is not None and all_registered_s <= goal_s and failed == 0
+                )
+                if goal_s
+                else None,
+                "margin_s": round(goal_s - all_registered_s, 3)
+                if goal_s and all_registered_s
+                else None,
+                "zero_failures": failed == 0,
+            },
+            "timestamp": started,
+            "host_busy_cores_before": host_busy,
+            "gateway_code": stack.code_identity,
+            "host": host_info(),
+        }
+        if metric_sum(metrics1, "wsgateway_slow_consumer_closes_total"):
+            result["slow_consumer_closes"] = metric_sum(
+                metrics1, "wsgateway_slow_consumer_closes_total"
+            )
+        if gc_log:
+            from memory import gc_summary, wait_for_file
+
+            stack.close()  # the instrumented gateway writes its GC log on exit
+            if wait_for_file(gc_log, 10):
+                end = t_go + (all_registered_s or util["wall_s"])
+                result["gc_during_storm"] = gc_summary(gc_log, t_go, end)
+            result["instrumented"] = True
+        if spy is not None:
+            result["profile"] = finish_profile(spy, args.results_dir, name)
+            spy = None
+        if not args.no_save:
+            json_path = args.results_dir / f"{name}.json"
+            png_path = args.results_dir / f"{name}.png"
+            result["files"] = {"json": rel(json_path), "png": rel(png_path)}
+            write_json(json_path, {**result, "utilisation": util, "health_timeline": timeline})
+            plot(png_path, result, handshake, admission, open_at, pong_at, timeline)
+            log(f"wrote {rel(json_path)} and {png_path.name}")
+        ok = True
+        return result
+    finally:
+        if spy is not None:
+            stop_process(spy)
+        if poller is not None:
+            poller.close()
+        for c in clients:
+            c.stop()
+        for c in clients:
+            stop_process(c.proc, timeout=5)
+        if stack is not None:
+            stack.close()
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            log(f"logs of the gateway and the clients kept in {log_dir}")
+
+
+def plot(
+    path: Path,
+    result: dict[str, Any],
+    handshake: list[float],
+    admission: list[float],
+    open_at: list[float],
+    pong_at: list[float],
+    timeline: list[tuple[float, int]],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    ax = axes[0]
+    for values, label in ((handshake, "TCP connect → 101"), (admission, "TCP connect → pong")):
+        if values:
+            arr = np.sort(np.asarray(values))
+            ax.plot(arr, np.arange(1, len(arr) + 1) / len(arr), lw=1.5, label=label)
+            p99 = float(np.percentile(arr, 99))
+            ax.axvline(p99, color="grey", ls="--", lw=0.8)
+            ax.text(p99, 0.05, f" p99 {p99:.0f} ms", fontsize=8, rotation=90)
+    ax.set_xlabel("ms per socket")
+    ax.set_ylabel("fraction of sockets")
+    ax.set_title("handshake and handshake+auth (CDF)")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax = axes[1]
+    for values, label in ((open_at, "101 received"), (pong_at, "pong received")):
+        if values:
+            arr = np.sort(np.asarray(values))
+            ax.plot(arr, np.arange(1, len(arr) + 1), lw=1.5, label=f"{label} (clients)")
+    if timeline:
+        ax.plot(
+            [t for t, _ in timeline],
+            [c for _, c in timeline],
+            ".",
+            ms=3,
+            label="/ws/health total_connections",
+        )
+    if result["sockets"] <= 1000:
+        ax.axvline(2.0, color="red", ls=":", lw=1, label="2 s goal")
+    gc_pauses = (result.get("gc_during_storm") or {}).get("pauses_ge_10ms") or []
+    for k, (t, _gen, ms) in enumerate(gc_pauses):
+        ax.axvspan(
+            t, t + ms / 1000, color="red", alpha=0.25, label="GC pause ≥ 10 ms" if k == 0 else None
+        )
+    ax.set_xlabel("seconds since go")
+    ax.set_ylabel("sockets")
+    ax.set_title("sockets over time")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.suptitle(
+        f"storm: {result['sockets']} sockets ({result['population']}) from "
+        f"{result['client_processes']} processes; all registered {result['all_registered_s']} s; "
+        f"failures {result['failures']}; {result['bottleneck']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_sigterm_handler()
+    try:
+        result = run(args)
+    except Exception as exc:
+        log(f"benchmark failed: {exc}")
+        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        print(json.dumps({"bench": "storm", "error": msg}))
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    print(json.dumps(result, separators=(",", ":")))
+    return 0 if result["failures"] == 0 else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
