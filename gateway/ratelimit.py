@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class SlidingWindow:
     """Allow at most ``limit`` messages within any ``window`` seconds.
 
-    Only accepted messages are kept, and only the last ``limit`` of them: a new message is allowed
-    exactly when the oldest of those has left the window, so each call is O(1).
+    Only accepted messages still inside the window are kept, in a plain list: a socket that pings
+    every 30 s holds one timestamp, not a preallocated ring (every idle socket has one of these).
+    A flooding socket holds at most ``limit``, so pruning the front stays cheap.
     """
 
     __slots__ = ("_stamps", "limit", "window")
@@ -21,11 +20,19 @@ class SlidingWindow:
             raise ValueError("window must be positive")
         self.limit = limit
         self.window = window
-        self._stamps: deque[float] = deque(maxlen=limit)
+        self._stamps: list[float] = []
 
     def allow(self, now: float) -> bool:
         stamps = self._stamps
-        if len(stamps) == self.limit and now - stamps[0] < self.window:
+        horizon = now - self.window
+        expired = 0
+        for stamp in stamps:
+            if stamp > horizon:
+                break
+            expired += 1
+        if expired:
+            del stamps[:expired]
+        if len(stamps) >= self.limit:
             # Rejected messages are not recorded, so a flood cannot extend its own penalty.
             return False
         stamps.append(now)

@@ -20,6 +20,7 @@ import attrs
 import h11
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
@@ -110,12 +111,41 @@ def _head_size(request: h11.Request) -> int:
     return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) + 16
 
 
+@attrs.frozen
+class Upgrade:
+    """An accepted WebSocket handshake: all the socket phase needs of the HTTP phase (the h11
+    state and the request are dropped, which an idle socket would otherwise carry for its life)."""
+
+    protocol: WsProtocol
+    endpoint: Endpoint
+    target: str
+    origin: str | None
+    client: str
+    trailing: bytes
+
+
 async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
     """One TCP connection: HTTP requests with keep-alive, or one WebSocket.
 
     Nothing raised while serving one connection may reach the connections nursery (it would stop
-    the gateway): unexpected errors are logged with the socket's context and the connection drops.
+    the gateway): unexpected errors are logged and that connection alone drops.
     """
+    try:
+        upgrade = await _serve_http(gw, stream)
+        if upgrade is not None:
+            await serve_websocket(gw, stream, upgrade)
+    except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    except Exception:
+        gw.metrics.http_requests.labels("-", "500").inc()
+        log.exception("connection handler failed; dropping that connection")
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _serve_http(gw: Gateway, stream: trio.SocketStream) -> Upgrade | None:
+    """HTTP requests until the client goes, or an accepted WebSocket handshake to hand over."""
     settings = gw.settings
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
     try:
@@ -126,13 +156,13 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
             if head_scope.cancelled_caught:
                 if conn.their_state is h11.SEND_BODY or _partial(conn):
                     await _send_response(conn, stream, text_response(408, "Request head not received in time"), gw=gw)
-                return
+                return None
             if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
-                return
+                return None
             # h11 limits only a head still incomplete in its buffer; a complete one is checked here.
             if _head_size(event) > settings.max_header_bytes:
                 await _send_response(conn, stream, text_response(431, "Request header fields too large"), gw=gw)
-                return
+                return None
             target = event.target.decode("latin-1")
             path = urlsplit(target).path
             client = client_ip(peer, _header(event.headers, b"x-forwarded-for"), gw.trusted_proxies)
@@ -141,14 +171,13 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
                     response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
                     await _send_response(conn, stream, response, route="websocket", gw=gw,
                                          head=event.method == b"HEAD")
-                    return
+                    return None
                 if gw.draining:
                     # A proxy retries this on another instance (nginx: proxy_next_upstream http_503).
                     response = attrs.evolve(text_response(503, "Draining"), headers=((b"retry-after", b"1"),))
                     await _send_response(conn, stream, response, route="websocket", gw=gw)
-                    return
-                await serve_websocket(gw, stream, conn, event, _WS_PATHS[path], client)
-                return
+                    return None
+                return await _accept_websocket(gw, stream, conn, event, _WS_PATHS[path], client)
             body = b""
             with trio.move_on_after(settings.handshake_timeout) as body_scope:
                 while True:
@@ -157,22 +186,22 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
                         body += part.data
                         if len(body) > settings.max_body_bytes:
                             await _send_response(conn, stream, text_response(413, "Request body too large"), gw=gw)
-                            return
+                            return None
                     elif isinstance(part, h11.EndOfMessage):
                         break
                     else:
-                        return
+                        return None
             if body_scope.cancelled_caught:
                 await _send_response(conn, stream, text_response(408, "Request body not received in time"), gw=gw)
-                return
+                return None
             response = await handle_http(gw, event, path, target, body)
             await _send_response(conn, stream, response, head=event.method == b"HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return
+                return None
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
-                return
+                return None
     except h11.RemoteProtocolError as exc:
         status = exc.error_status_hint
         reason = "Request header fields too large" if status == 431 else "Bad request"
@@ -181,14 +210,7 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                                      h11.LocalProtocolError):
                 await _send_response(conn, stream, text_response(status, reason), gw=gw)
-    except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    except Exception:
-        gw.metrics.http_requests.labels("-", "500").inc()
-        log.exception("connection handler failed; dropping that connection")
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        return None
 
 
 def _peer_address(stream: trio.SocketStream) -> str:
@@ -204,15 +226,10 @@ def _partial(conn: h11.Connection) -> bool:
     return bool(conn.trailing_data[0])
 
 
-async def serve_websocket(
-    gw: Gateway,
-    stream: trio.SocketStream,
-    h11conn: h11.Connection,
-    request: h11.Request,
-    endpoint: Endpoint,
-    client: str = "-",
-) -> None:
-    target = request.target.decode("latin-1")
+async def _accept_websocket(
+    gw: Gateway, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
+    client: str,
+) -> Upgrade | None:
     ws = WSConnection(ConnectionType.SERVER)
     try:
         ws.initiate_upgrade_connection(list(request.headers), request.target)
@@ -222,12 +239,27 @@ async def serve_websocket(
         accept = ws.send(AcceptConnection())
     except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
         await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", gw=gw)
-        return
+        return None
     await stream.send_all(accept)
+    origin = _header(request.headers, b"origin")
+    # After the handshake only the frame-level protocol object is needed.
+    assert ws.connection is not None
+    return Upgrade(
+        protocol=ws.connection,
+        endpoint=endpoint,
+        target=request.target.decode("latin-1"),
+        origin=origin.decode("latin-1") if origin is not None else None,
+        client=client,
+        trailing=h11conn.trailing_data[0],
+    )
+
+
+async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgrade) -> None:
     settings = gw.settings
+    endpoint = upgrade.endpoint
     conn = Connection(
         stream,
-        ws,
+        upgrade.protocol,
         endpoint,
         metrics=gw.metrics,
         max_queue_bytes=settings.send_queue_max_bytes,
@@ -235,16 +267,17 @@ async def serve_websocket(
         rate_limit=settings.message_rate_limit,
         rate_window=settings.message_rate_window,
         direct_write=settings.direct_write,
-        client=client,
+        client=upgrade.client,
     )
-    trailing = h11conn.trailing_data[0]
-    if trailing:
-        ws.receive_data(trailing)
+    if upgrade.trailing:
+        upgrade.protocol.receive_data(upgrade.trailing)
+    target, origin = upgrade.target, upgrade.origin
+    del upgrade
     gw.sockets.add(conn)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.writer)
-            rejection = await admit(gw, conn, target, request.headers)
+            rejection = await admit(gw, conn, target, origin)
             if rejection is None:
                 await run_connection(gw, conn)
             else:
@@ -267,16 +300,12 @@ def _reject(gw: Gateway, conn: Connection, close: Close, reason: str, target: st
     return close
 
 
-async def admit(
-    gw: Gateway, conn: Connection, target: str, headers: Sequence[tuple[bytes, bytes]]
-) -> Close | None:
+async def admit(gw: Gateway, conn: Connection, target: str, origin: str | None) -> Close | None:
     """Check the credentials of an accepted socket and register it, or say how to close it."""
     settings = gw.settings
     endpoint = conn.endpoint
     if gw.draining:
         return _reject(gw, conn, closecodes.SERVER_RESTART, "draining", target)
-    origin_raw = _header(headers, b"origin")
-    origin = origin_raw.decode("latin-1") if origin_raw is not None else None
     if not origin_allowed(origin, gw.origins, bypass_missing=settings.origin_bypass_active):
         return _reject(gw, conn, closecodes.ORIGIN_NOT_ALLOWED, "origin", target)
     query = parse_qs(urlsplit(target).query, keep_blank_values=True)
