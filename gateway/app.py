@@ -23,6 +23,7 @@ not yet acknowledged simply stay pending for the next start.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import signal
 import time
@@ -391,6 +392,9 @@ async def run_until_signalled(settings: Settings) -> None:
                 nursery.cancel_scope.cancel()  # drained: the signal watcher goes too
 
             gw: Gateway = await nursery.start(serve)
+            # Start-up objects (modules, settings, registries) live as long as the process: keep
+            # them out of every later full collection, which otherwise stalls admission in a storm.
+            gc.freeze()
             async for signum in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signum).name})
                 if gw.stop_requested.is_set():
