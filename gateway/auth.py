@@ -110,27 +110,25 @@ def _fail(reason: str) -> AuthError:
 # --- PyJWT -------------------------------------------------------------------------------------
 
 
+# Subclasses before their bases: InvalidSignatureError is a DecodeError.
+_PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidAlgorithmError, "bad_algorithm"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.InvalidIssuedAtError, "bad_claim"),
+    # The configured secret is unusable (empty, or key material of another kind).
+    (jwt.InvalidKeyError, "bad_key"),
+)
+
+
 def _pyjwt_reason(exc: jwt.PyJWTError) -> str:
-    # Subclasses before their bases: InvalidSignatureError is a DecodeError.
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return "bad_signature"
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return "expired"
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        return "not_yet_valid"
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return "bad_algorithm"
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        return "missing_claim"
-    if isinstance(exc, jwt.InvalidIssuerError):
-        return "wrong_issuer"
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return "wrong_audience"
-    if isinstance(exc, jwt.InvalidIssuedAtError):
-        return "bad_claim"
-    if isinstance(exc, jwt.InvalidKeyError):
-        # The configured secret is unusable (empty, or key material of another kind).
-        return "bad_key"
+    for kind, reason in _PYJWT_REASONS:
+        if isinstance(exc, kind):
+            return reason
     return "malformed"
 
 
