@@ -202,6 +202,16 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     ping = client_frame(0x1, b"ping")
 
+    def read_stdin() -> bool:
+        """Add what the parent wrote to ``stdin_buf``; False once stdin is closed."""
+        nonlocal stdin_buf
+        try:
+            chunk = os.read(stdin_fd, 4096)
+        except BlockingIOError:
+            return True
+        stdin_buf += chunk
+        return bool(chunk)
+
     if cfg.get("wait_go"):
         # Ready: wait (bounded) for "go" on stdin, so several processes start at one instant.
         emit({"type": "ready", "client": cfg["client"]})
@@ -212,14 +222,9 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                     stop = True
                     break
                 continue
-            try:
-                chunk = os.read(stdin_fd, 4096)
-            except BlockingIOError:
-                continue
-            if not chunk:
+            if not read_stdin():
                 stop = True
                 break
-            stdin_buf += chunk
         stop = stop or b"stop" in stdin_buf
         stdin_buf = b""
     started = time.monotonic()
@@ -462,16 +467,11 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             if target is None:
                 if fd != stdin_fd:
                     continue
-                try:
-                    chunk = os.read(stdin_fd, 4096)
-                except BlockingIOError:
-                    continue
-                if not chunk:
+                if not read_stdin():
                     stop = True
                     with contextlib.suppress(Exception):
                         ep.unregister(stdin_fd)
                     continue
-                stdin_buf += chunk
                 if b"stop" in stdin_buf:
                     stop = True
                 continue

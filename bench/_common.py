@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: the gateway as its own process, CPU accounting from /proc,
-a minimal synchronous Redis client, statistics, result files, plots and py-spy profiles.
+a minimal synchronous Redis client, statistics, result files, plots, py-spy profiles, the client
+processes and what they report, the options every benchmark has and its ``main``.
 
 Everything here is bounded: every wait has a timeout, and every process started is stopped by
 its owner in a ``finally``.
@@ -7,9 +8,11 @@ its owner in a ``finally``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +180,18 @@ def bottleneck(util: Mapping[str, Any], *, ncpu: int, saturated: float = 0.9) ->
     }
 
 
+def cpu_cores(util: Mapping[str, Any], *, by_kind: bool = True) -> dict[str, Any]:
+    """The ``cpu_cores`` of a result: cores per process, the machine's, and what was not ours."""
+    out = {
+        **util["cores"],
+        "machine_busy_cores": util["machine_busy_cores"],
+        "outside_benchmark": util["other_cores"],
+    }
+    if by_kind:
+        out["machine_by_kind"] = util["machine_cores_by_kind"]
+    return out
+
+
 def export_gateway(ref: str, dest: str) -> str:
     """``git archive <ref> gateway`` unpacked into ``dest`` (read-only for the repository)."""
     import io
@@ -202,26 +217,29 @@ def export_gateway(ref: str, dest: str) -> str:
     return commit
 
 
+def _gateway_digest(root: Path) -> str:
+    """A short sha256 of ``root/gateway/*.py`` (names and contents)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((root / "gateway").glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def gateway_code_identity(ref: str | None = None, source: str | None = None) -> dict[str, Any]:
     """Which gateway code ran: HEAD commit, whether gateway/ differs from it, a digest of gateway/*.py.
 
     Read-only git commands; the tree is shared and edited while benchmarks run.
     """
-    import hashlib
-
     out: dict[str, Any] = {}
     if ref is not None and source is not None:
-        import hashlib
-
-        digest = hashlib.sha256()
-        for path in sorted((Path(source) / "gateway").glob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
         return {
             "ref": ref,
             "commit": ref,
             "gateway_dirty": False,
-            "gateway_sha256": digest.hexdigest()[:12],
+            "gateway_sha256": _gateway_digest(Path(source)),
             "source": "git archive snapshot",
         }
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -243,11 +261,7 @@ def gateway_code_identity(ref: str | None = None, source: str | None = None) -> 
             timeout=10,
         ).stdout
         out["gateway_dirty"] = bool(status.strip())
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "gateway").glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    out["gateway_sha256"] = digest.hexdigest()[:12]
+    out["gateway_sha256"] = _gateway_digest(ROOT)
     out["source"] = "work tree"
     return out
 
@@ -397,6 +411,24 @@ class GatewayProcess:
         self.proc = None
 
 
+def instrumented_gateway(
+    *, frames: int = 0, snapshot_dir: str | None = None, gc_log: str | None = None
+) -> Callable[[int], list[str]]:
+    """A ``Stack`` ``cmd_factory``: ``memory.py --serve-instrumented``, the gateway with
+    tracemalloc snapshots on SIGUSR1 (``frames`` > 0 and ``snapshot_dir``) and/or a log of its
+    garbage-collector pauses written to ``gc_log`` as it exits."""
+
+    def cmd(port: int) -> list[str]:
+        out = [python_exe(), str(MEMORY_SCRIPT), "--serve-instrumented", "--port", str(port)]
+        if frames > 0 and snapshot_dir:
+            out += ["--tracemalloc-frames", str(frames), "--snapshot-dir", snapshot_dir]
+        if gc_log:
+            out += ["--gc-log", gc_log]
+        return out
+
+    return cmd
+
+
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
     """Terminate one child we started (by its own handle), then kill it if it lingers."""
     if proc is None or proc.poll() is not None:
@@ -497,6 +529,10 @@ def percentiles(
     return out
 
 
+def rounded(d: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in d.items()}
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -511,14 +547,10 @@ def plot_latency(
     title: str,
 ) -> None:
     """Three panels: latency CDF, histogram, and per-event p50/max against publish time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     arr = np.sort(np.asarray(latencies_ms, dtype=float))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = subplots(1, 3, (16, 4.6))
     ax = axes[0]
     if len(arr):
         ax.plot(arr, np.arange(1, len(arr) + 1) / len(arr), lw=1.5)
@@ -540,21 +572,44 @@ def plot_latency(
     ax.set_ylabel("frames")
     ax.set_title("histogram")
     ax.grid(True, alpha=0.3)
-    ax = axes[2]
+    plot_per_event(axes[2], per_event, xlabel="publish time since first event (s)")
+    save_figure(fig, path, title, dpi=110)
+
+
+def plot_per_event(
+    ax: Any, per_event: Sequence[tuple[float, float, float]], *, xlabel: str, ms: float = 3
+) -> None:
+    """One panel: per event, (publish time, p50 over sockets, max over sockets) in ms."""
     if per_event:
         t = [p[0] for p in per_event]
-        ax.plot(t, [p[1] for p in per_event], ".", ms=3, label="p50 over sockets")
-        ax.plot(t, [p[2] for p in per_event], ".", ms=3, label="max over sockets")
+        ax.plot(t, [p[1] for p in per_event], ".", ms=ms, label="p50 over sockets")
+        ax.plot(t, [p[2] for p in per_event], ".", ms=ms, label="max over sockets")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    ax.set_xlabel("publish time since first event (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("latency (ms)")
     ax.set_title("per event")
     ax.grid(True, alpha=0.3)
+
+
+def subplots(nrows: int, ncols: int, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure and its axes, drawn off-screen (matplotlib's Agg backend); see ``save_figure``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize)
+
+
+def save_figure(fig: Any, path: Path, title: str, *, dpi: int = 100) -> None:
+    """Give a matplotlib figure its title, lay it out, write it as PNG and close it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -573,18 +628,20 @@ def find_py_spy() -> str | None:
 
 
 def start_py_spy(
-    pid: int, duration: int, out_path: Path, rate: int = 200
+    pid: int, duration: int, out_path: Path, rate: int = 200, *, attach: float = 0.5
 ) -> subprocess.Popen[bytes] | None:
     """``py-spy record`` of ``pid`` for ``duration`` s, collapsed stacks (``--format raw``).
 
     Raw output keeps the numbers for the hot-spot tables; ``render_flamegraph`` draws the SVG.
     Frames carry the line being run (no ``--function``), so a C call such as ``os.write`` shows as
     the line that makes it; the tables aggregate per function and also list the hottest lines.
+    Returns after ``attach`` s, the time py-spy takes to attach.
     """
     exe = find_py_spy()
     if exe is None:
         log("py-spy not found: profiling skipped (.venv/bin/pip install py-spy)")
         return None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         exe,
         "record",
@@ -599,13 +656,15 @@ def start_py_spy(
         "-o",
         str(out_path),
     ]
-    return subprocess.Popen(
+    spy = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    time.sleep(attach)
+    return spy
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:
@@ -789,10 +848,11 @@ def group_by(items: Iterable[tuple[Any, Any]]) -> dict[Any, list[Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared by routed.py, storm.py, memory.py and soak.py (fanout.py keeps its own copies)
+# Result files, /proc memory, client processes, the gateway stack and the benchmarks' main()
 # --------------------------------------------------------------------------------------------
 
 CLIENT_SCRIPT = Path(__file__).resolve().parent / "_client.py"
+MEMORY_SCRIPT = Path(__file__).resolve().parent / "memory.py"
 
 
 def rel(path: Path) -> str:
@@ -801,6 +861,26 @@ def rel(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def save_result(
+    result: dict[str, Any],
+    results_dir: Path,
+    name: str,
+    *,
+    detail: Mapping[str, Any],
+    draw: Callable[[Path], None],
+) -> None:
+    """Write ``<name>.json`` (``result`` and then ``detail``) and ``draw`` ``<name>.png``.
+
+    Both files are named in ``result["files"]`` first, so the JSON line mentions them too.
+    """
+    json_path = results_dir / f"{name}.json"
+    png_path = results_dir / f"{name}.png"
+    result["files"] = {"json": rel(json_path), "png": rel(png_path)}
+    write_json(json_path, {**result, **detail})
+    draw(png_path)
+    log(f"wrote {rel(json_path)} and {png_path.name}")
 
 
 def proc_memory(pid: int | None) -> dict[str, int] | None:
@@ -952,6 +1032,227 @@ class ClientProcess:
             return ""
 
 
+def stop_clients(clients: Sequence[ClientProcess], timeout: float = 5.0) -> None:
+    """Ask every client process to stop, then stop each (by its own handle) if it lingers."""
+    for c in clients:
+        c.stop()
+    for c in clients:
+        stop_process(c.proc, timeout=timeout)
+
+
+def start_clients(
+    clients: list[ClientProcess],
+    count: int,
+    n: int,
+    *,
+    inbox: Any,
+    log_dir: str,
+    per_socket: Mapping[str, Sequence[Any]],
+    common: Mapping[str, Any],
+) -> None:
+    """Deal sockets 0..n-1 round-robin to ``count`` client processes, appended to ``clients``.
+
+    ``per_socket``: configuration lists indexed by socket (``tokens``, ``targets``, ...), cut
+    per client; ``common``: the rest of every client's configuration.
+    """
+    for k in range(count):
+        idx = list(range(k, n, count))
+        cfg = {
+            "client": k,
+            **{key: [values[i] for i in idx] for key, values in per_socket.items()},
+            "indices": idx,
+            **common,
+        }
+        clients.append(ClientProcess(k, cfg, inbox, log_dir))
+
+
+def wait_connected(
+    clients: Sequence[ClientProcess], inbox: Any, gw: GatewayProcess, timeout: float
+) -> dict[int, dict[str, Any]]:
+    """The ``connected`` report of every client process, by client.
+
+    Raises after ``timeout`` s, when the gateway dies or when a client exits early.
+    """
+    import queue
+
+    connected: dict[int, dict[str, Any]] = {}
+    until = time.monotonic() + timeout
+    while len(connected) < len(clients):
+        if time.monotonic() > until:
+            raise RuntimeError("clients did not report their connections in time")
+        if not gw.alive():
+            raise RuntimeError(f"gateway died while sockets opened; log:\n{gw.log_tail()}")
+        with contextlib.suppress(queue.Empty):
+            k, msg = inbox.get(timeout=0.2)
+            if msg["type"] == "connected":
+                connected[k] = msg
+            elif msg["type"] == "eof":
+                raise RuntimeError(f"client {k} exited early:\n{clients[k].log_tail()}")
+    return connected
+
+
+class Opening:
+    """Opening the sockets, timed: create it just before the clients start, ``wait`` after."""
+
+    def __init__(self, gw: GatewayProcess) -> None:
+        self.gw = gw
+        self.cpu0 = CpuSnapshot({"gateway": gw.pid})
+        self.t0 = time.monotonic()
+        self.connected: dict[int, dict[str, Any]] = {}  # client -> its "connected" report
+        self.opened = 0
+        self.failed = 0
+        self.errors: dict[str, int] = {}  # failures by reason
+        self.registered = -1  # by the gateway's /ws/health
+        self.seconds = 0.0
+        self.util: dict[str, Any] = {}  # CpuSnapshot.delta of the gateway
+
+    def wait(
+        self,
+        clients: Sequence[ClientProcess],
+        inbox: Any,
+        connect_timeout: float,
+        *,
+        expect: int | None = None,
+        register_timeout: float | None = None,
+    ) -> None:
+        """Every client's ``connected`` report, then the gateway's count of registered sockets.
+
+        The gateway is given ``register_timeout`` s (default: what is left of
+        ``connect_timeout``, at least 10 s) to count ``expect`` (default: the sockets open).
+        """
+        self.connected = wait_connected(clients, inbox, self.gw, connect_timeout + 15)
+        reports = self.connected.values()
+        self.opened = sum(m["open"] for m in reports)
+        self.failed = sum(m["failed"] for m in reports)
+        errors: dict[str, int] = defaultdict(int)
+        for m in reports:
+            for e, n in m.get("errors", {}).items():
+                errors[e] += n
+        self.errors = dict(errors)
+        if register_timeout is None:
+            register_timeout = max(connect_timeout - (time.monotonic() - self.t0), 10)
+        target = self.opened if expect is None else expect
+        self.registered, _ = wait_registered(self.gw, target, timeout=register_timeout)
+        self.seconds = time.monotonic() - self.t0
+        self.util = self.cpu0.delta(CpuSnapshot({"gateway": self.gw.pid}))
+
+    @property
+    def gateway_cpu_ms_per_socket(self) -> float:
+        cpu_s: float = self.util["cpu_s"].get("gateway", 0.0)
+        return round(cpu_s / max(self.opened, 1) * 1000, 3)
+
+    def describe(self) -> str:
+        return (
+            f"{self.opened} open, {self.failed} failed, {self.registered} registered "
+            f"in {self.seconds:.1f} s"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The ``connect`` of a result."""
+        return {
+            "opened": self.opened,
+            "failed": self.failed,
+            "registered": self.registered,
+            "seconds": round(self.seconds, 2),
+            "gateway_cpu_ms_per_socket": self.gateway_cpu_ms_per_socket,
+            "errors": self.errors,
+        }
+
+
+class ClientInbox:
+    """What the client processes report while events flow: frames so far, done, exited, results."""
+
+    def __init__(self, inbox: Any, clients: Sequence[ClientProcess]) -> None:
+        self.inbox = inbox
+        self.progress: dict[int, int] = {c.k: 0 for c in clients}
+        self.done: dict[int, float] = {}  # client -> time.monotonic() of its "done"
+        self.eof: set[int] = set()
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def pump(self, timeout: float) -> None:
+        """Take client messages for up to ``timeout`` seconds."""
+        import queue
+
+        end = time.monotonic() + timeout
+        while True:
+            remaining = end - time.monotonic()
+            try:
+                k, msg = (
+                    self.inbox.get(timeout=remaining) if remaining > 0 else self.inbox.get_nowait()
+                )
+            except queue.Empty:
+                return
+            kind = msg["type"]
+            if kind == "progress":
+                self.progress[k] = msg["frames"]
+            elif kind == "done":
+                self.progress[k] = msg["frames"]
+                self.done[k] = time.monotonic()
+            elif kind == "eof":
+                self.eof.add(k)
+            elif kind == "result":
+                self.results[k] = msg
+
+    def frames(self) -> int:
+        return sum(self.progress.values())
+
+    def finished(self, active: Iterable[int]) -> bool:
+        """Every client of ``active`` got all its frames or exited."""
+        return all(k in self.done or k in self.eof for k in active)
+
+    def wait_until(self, scheduled: float) -> float:
+        """Take messages until ``time.monotonic()`` reaches ``scheduled``; returns the lateness, s."""
+        while True:
+            delay = scheduled - time.monotonic()
+            if delay <= 0:
+                break
+            self.pump(min(delay, 0.05))
+        return time.monotonic() - scheduled
+
+    def drain(
+        self,
+        active: Sequence[int],
+        timeout: float,
+        expected_frames: int,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
+        """After the last publish: take messages until ``active`` are finished or ``timeout`` s.
+
+        ``tick`` is called after every pump (progress reports, samples).
+        """
+        until = time.monotonic() + timeout
+        while not self.finished(active):
+            if time.monotonic() >= until:
+                log(f"drain timeout: {self.frames()}/{expected_frames} frames received")
+                break
+            self.pump(0.02)
+            if tick is not None:
+                tick()
+
+    def collect(self, clients: Sequence[ClientProcess], timeout: float) -> None:
+        """Stop the clients and wait for each one's ``result`` (raises when one is missing)."""
+        for c in clients:
+            c.stop()
+        collect_until = time.monotonic() + timeout
+        while len(self.results) < len(clients) and time.monotonic() < collect_until:
+            self.pump(0.2)
+            if all(k in self.results or k in self.eof for k in range(len(clients))):
+                break
+        missing_clients = [k for k in range(len(clients)) if k not in self.results]
+        if missing_clients:
+            raise RuntimeError(f"no result from clients {missing_clients}")
+
+
+def finish_log_dir(
+    log_dir: str, ok: bool, what: str = "logs of the gateway and the clients"
+) -> None:
+    """Remove the run's log directory after a good run; keep it (and say where) otherwise."""
+    if ok:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        log(f"{what} kept in {log_dir}")
+
+
 class Stack:
     """A private redis-server and the gateway as its own process; ``close`` stops both.
 
@@ -965,7 +1266,7 @@ class Stack:
         *,
         log_dir: str,
         gateway_ref: str | None = None,
-        cmd_factory: Any = None,  # Callable[[int], list[str]] | None: the gateway command
+        cmd_factory: Callable[[int], list[str]] | None = None,  # port -> the gateway command
     ) -> None:
         self.env = dict(env)
         self.log_dir = log_dir
@@ -1042,16 +1343,79 @@ def wait_registered(
     return registered, time.monotonic() - t0
 
 
-def host_info() -> dict[str, Any]:
+def host_info(*, fd_limit: bool = True) -> dict[str, Any]:
+    """CPUs, Python version and machine type (and the open-file limit unless ``fd_limit=False``)."""
     import platform
     import resource
 
-    return {
+    out: dict[str, Any] = {
         "cpus": os.cpu_count() or 1,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "fd_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
+    if fd_limit:
+        out["fd_limit"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return out
+
+
+def add_profile_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--profile`` (its help: ``what`` it records) and ``--profile-rate`` of py-spy."""
+    p.add_argument("--profile", action="store_true", help=what)
+    p.add_argument(
+        "--profile-rate", type=int, default=200, help="py-spy samples per second (default 200)"
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options of every benchmark: a quiet host, which gateway code, the result files."""
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for the host to be quiet before starting (default 0)",
+    )
+    p.add_argument(
+        "--idle-threshold",
+        type=float,
+        default=0.5,
+        help="busy cores below which the host counts as quiet (default 0.5)",
+    )
+    p.add_argument(
+        "--gateway-ref",
+        default=None,
+        help="run the gateway package of this git commit (e.g. HEAD, exported with git archive) "
+        "instead of the work tree's",
+    )
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--no-save", action="store_true", help="print the JSON line only")
+
+
+def run_main(
+    bench: str,
+    body: Callable[[], dict[str, Any]],
+    passed: Callable[[dict[str, Any]], bool],
+    *,
+    ensure_ascii: bool = True,
+) -> int:
+    """Run a benchmark and print its ONE JSON line on stdout; returns the exit status.
+
+    0 when ``passed(result)``, 3 when not, 1 on an error (the line then carries ``"error"``),
+    130 when interrupted: SIGINT, or SIGTERM (``install_sigterm_handler``), so that every child
+    is stopped in ``finally``.
+    """
+    install_sigterm_handler()
+    try:
+        result = body()
+    except Exception as exc:
+        log(f"benchmark failed: {exc}")
+        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        print(json.dumps({"bench": bench, "error": msg}))
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    print(json.dumps(result, separators=(",", ":"), ensure_ascii=ensure_ascii))
+    return 0 if passed(result) else 3
 
 
 def install_sigterm_handler() -> None:
@@ -1136,10 +1500,15 @@ class HealthPoller:
             self.conn = None
 
 
-def finish_profile(spy: subprocess.Popen[bytes], results_dir: Path, name: str) -> dict[str, Any]:
-    """Wait for py-spy's output; write the hot-spot table and a flame graph next to the JSON."""
+def finish_profile(
+    spy: subprocess.Popen[bytes], results_dir: Path, name: str, *, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Wait for py-spy's output; write the hot-spot table and a flame graph next to the JSON.
+
+    Returns the ``profile`` summary for the result, or ``{"error": ...}`` without output.
+    """
     try:
-        _, err = spy.communicate(timeout=60)
+        _, err = spy.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_process(spy)
         err = b""

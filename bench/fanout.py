@@ -31,47 +31,48 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 import queue
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    RESULTS,
-    ROOT,
+    ClientInbox,
+    ClientProcess,
     CpuSnapshot,
-    GatewayProcess,
+    Opening,
     Resp,
+    Stack,
+    add_profile_args,
+    add_run_args,
     bottleneck,
-    export_gateway,
-    format_profile,
-    gateway_code_identity,
+    cpu_cores,
+    dispatch_stats,
+    finish_log_dir,
+    finish_profile,
+    host_info,
     log,
-    machine_cpu,
     percentiles,
     plot_latency,
-    profile_summary,
-    python_exe,
-    render_flamegraph,
+    rounded,
+    run_main,
+    save_result,
     stamp,
+    start_clients,
     start_py_spy,
+    stop_clients,
     stop_process,
-    write_json,
+    wait_for_quiet_host,
 )
 
 from gateway.events import encode_envelope, envelope
-from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
 from gateway.tokens import mint_staff_token
 
@@ -81,7 +82,6 @@ STREAM = "events:critical"
 STREAM_MAXLEN = 50000
 #: Reaches A(b) and every waiter of the branch whatever its sectors (see gateway.routing).
 EVENT_TYPE = "ROUND_PENDING"
-CLIENT_SCRIPT = Path(__file__).resolve().parent / "_client.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,34 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="seconds after the last publish to wait for the last frame",
     )
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="record the gateway with py-spy during the measurement window",
-    )
-    p.add_argument(
-        "--profile-rate", type=int, default=200, help="py-spy samples per second (default 200)"
-    )
-    p.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        help="wait up to this many seconds for the host to be quiet before starting (default 0)",
-    )
-    p.add_argument(
-        "--idle-threshold",
-        type=float,
-        default=0.5,
-        help="busy cores below which the host counts as quiet (default 0.5)",
-    )
-    p.add_argument(
-        "--gateway-ref",
-        default=None,
-        help="run the gateway package of this git commit (e.g. HEAD, exported with git archive) "
-        "instead of the work tree's",
-    )
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--no-save", action="store_true", help="print the JSON line only")
+    add_profile_args(p, "record the gateway with py-spy during the measurement window")
+    add_run_args(p)
     args = p.parse_args(argv)
     if not 1 <= args.sockets <= 20000:
         p.error("--sockets must be within 1..20000")
@@ -187,114 +161,6 @@ def padding_for(target: int) -> str:
     return "x" * max(target - base - 10, 0)
 
 
-def wait_for_quiet_host(limit: float, threshold: float) -> float:
-    """Sample the machine's busy cores each second until below ``threshold`` or ``limit`` s passed.
-
-    Returns the last sample: the load other users put on the host just before the run.
-    """
-    deadline = time.monotonic() + limit
-    while True:
-        before = machine_cpu()
-        time.sleep(1.0)
-        after = machine_cpu()
-        busy = round(after[0] - before[0], 2)
-        if busy < threshold or time.monotonic() >= deadline:
-            if limit > 0:
-                log(
-                    f"host busy: {busy} cores before the run"
-                    + ("" if busy < threshold else " (not quiet)")
-                )
-            return busy
-        log(f"host busy: {busy} cores, waiting for < {threshold}")
-
-
-def _rel(path: Path) -> str:
-    """A path relative to the repository when it is inside it."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
-def dispatch_stats(metrics: dict[str, float]) -> dict[str, float | None]:
-    """The gateway's own histogram: from reading an event to its last frame handed to the kernel.
-
-    Mean from sum/count; p50/p99 as the upper bound of the bucket that holds them.
-    """
-    prefix = "wsgateway_delivery_latency_seconds"
-    count = metrics.get(f"{prefix}_count") or 0.0
-    total = metrics.get(f"{prefix}_sum") or 0.0
-    buckets = sorted(
-        (float(name.split('le="', 1)[1].rstrip('"}')), value)
-        for name, value in metrics.items()
-        if name.startswith(f"{prefix}_bucket") and "+Inf" not in name
-    )
-
-    def upper(q: float) -> float | None:
-        for le, cumulative in buckets:
-            if count and cumulative >= q * count:
-                return round(le * 1000, 2)
-        return None
-
-    return {
-        "events": count,
-        "mean": round(total / count * 1000, 2) if count else None,
-        "p50_le": upper(0.5),
-        "p99_le": upper(0.99),
-    }
-
-
-class ClientProc:
-    """One client process, with a thread turning its stdout lines into queue items."""
-
-    def __init__(
-        self,
-        k: int,
-        cfg: dict[str, Any],
-        out: queue.Queue[tuple[int, dict[str, Any]]],
-        log_dir: str,
-    ) -> None:
-        self.k = k
-        self.stderr_path = os.path.join(log_dir, f"client-{k}.log")
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [python_exe(), str(CLIENT_SCRIPT)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=str(ROOT),
-                start_new_session=True,
-            )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        self.proc.stdin.flush()
-        self.thread = threading.Thread(target=self._read, args=(out,), daemon=True)
-        self.thread.start()
-
-    def _read(self, out: queue.Queue[tuple[int, dict[str, Any]]]) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):
-                out.put((self.k, json.loads(line)))
-        out.put((self.k, {"type": "eof"}))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.write(b"stop\n")
-                self.proc.stdin.flush()
-
-    def log_tail(self) -> str:
-        try:
-            return Path(self.stderr_path).read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = stamp()
     base_name = (
@@ -305,9 +171,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("-prof" if args.profile else "")
     )
     log_dir = tempfile.mkdtemp(prefix="gw-bench-")
-    redis: RedisProcess | None = None
-    gw: GatewayProcess | None = None
-    clients: list[ClientProc] = []
+    stack: Stack | None = None
+    clients: list[ClientProcess] = []
     spy: subprocess.Popen[bytes] | None = None
     resp: Resp | None = None
     inbox: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
@@ -315,33 +180,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         host_busy_before = wait_for_quiet_host(args.wait_idle, args.idle_threshold)
         # --- redis and gateway ----------------------------------------------------------------
-        redis = RedisProcess(RedisConfig(port=0))
-        redis.start()
-        assert redis.port is not None
-        log(f"redis-server {redis.url} (pid {redis.pid})")
-        port = free_port()
         env = {
-            "REDIS_URL": redis.url,
             "WS_MAX_CONNECTIONS_PER_USER": "10000",
             "WS_MAX_TOTAL_CONNECTIONS": str(args.sockets + 1000),
-            "LOG_LEVEL": "WARNING",
             "GATEWAY_DIRECT_WRITE": str(args.direct_write),
             # The clients do not ping during the run; keep the sweeper from closing them.
             "WS_HEARTBEAT_TIMEOUT": "3600",
-            "GATEWAY_INSTANCE_ID": f"bench-{os.getpid()}",
         }
-        source = None
-        if args.gateway_ref:
-            source = os.path.join(log_dir, "src")
-            ref = export_gateway(args.gateway_ref, source)
-            code_identity = gateway_code_identity(ref, source)
-            log(f"gateway code: {args.gateway_ref} = {ref} (snapshot in {source})")
-        else:
-            code_identity = gateway_code_identity()
-        gw = GatewayProcess(port=port, env=env, log_dir=log_dir, source=source)
-        gw.start()
-        gw.wait_healthy()
-        log(f"gateway {gw.base_url} (pid {gw.pid}), direct_write={args.direct_write}")
+        stack = Stack(env, log_dir=log_dir, gateway_ref=args.gateway_ref)
+        gw = stack.start()
+        assert stack.redis is not None and stack.redis.port is not None
+        log(f"gateway direct_write={args.direct_write}")
 
         # --- sockets ---------------------------------------------------------------------------
         settings = Settings.from_env({})
@@ -362,63 +211,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"{gw.ws_url}/ws/{args.role}"
         expected_window = args.events / args.rate
         deadline = args.connect_timeout + expected_window + args.drain_timeout + 60
-        cpu_connect0 = CpuSnapshot({"gateway": gw.pid})
-        t_connect0 = time.monotonic()
-        for k in range(args.clients):
-            idx = list(range(k, args.sockets, args.clients))
-            cfg = {
-                "client": k,
+        opening = Opening(gw)
+        start_clients(
+            clients,
+            args.clients,
+            args.sockets,
+            inbox=inbox,
+            log_dir=log_dir,
+            per_socket={"tokens": tokens},
+            common={
                 "url": url,
-                "tokens": [tokens[i] for i in idx],
-                "indices": idx,
                 "events": args.events,
                 "connect_timeout": args.connect_timeout,
                 "deadline": deadline,
                 "impl": args.client_impl,
-            }
-            clients.append(ClientProc(k, cfg, inbox, log_dir))
+            },
+        )
         log(
             f"{args.clients} client processes ({args.client_impl}) opening {args.sockets} sockets on {url}"
         )
-        connected: dict[int, dict[str, Any]] = {}
-        wait_until = time.monotonic() + args.connect_timeout + 15
-        while len(connected) < len(clients):
-            if time.monotonic() > wait_until:
-                raise RuntimeError("clients did not report their connections in time")
-            if not gw.alive():
-                raise RuntimeError(
-                    f"gateway died while sockets were opening; log:\n{gw.log_tail()}"
-                )
-            with contextlib.suppress(queue.Empty):
-                k, msg = inbox.get(timeout=0.2)
-                if msg["type"] == "connected":
-                    connected[k] = msg
-                elif msg["type"] == "eof":
-                    raise RuntimeError(f"client {k} exited early; stderr:\n{clients[k].log_tail()}")
-        opened = sum(m["open"] for m in connected.values())
-        failed = sum(m["failed"] for m in connected.values())
-        errors: dict[str, int] = {}
-        for m in connected.values():
-            for e, n in m.get("errors", {}).items():
-                errors[e] = errors.get(e, 0) + n
         # The gateway must have registered every socket the clients consider open.
-        registered = -1
-        until = time.monotonic() + max(args.connect_timeout - (time.monotonic() - t_connect0), 10)
-        last_change = time.monotonic()
-        while time.monotonic() < until and time.monotonic() - last_change < 10:
-            now_registered = int(gw.health().get("total_connections", -1))
-            if now_registered != registered:
-                registered, last_change = now_registered, time.monotonic()
-            if registered >= opened:
-                break
-            time.sleep(0.1)
-        connect_s = time.monotonic() - t_connect0
-        cpu_connect1 = CpuSnapshot({"gateway": gw.pid})
-        connect_cpu = cpu_connect0.delta(cpu_connect1)["cpu_s"].get("gateway", 0.0)
-        log(
-            f"{opened} sockets open, {failed} failed, {registered} registered in {connect_s:.1f} s"
-            + (f"; errors: {errors}" if errors else "")
-        )
+        opening.wait(clients, inbox, args.connect_timeout)
+        opened, registered, errors = opening.opened, opening.registered, opening.errors
+        log(opening.describe() + (f"; errors: {errors}" if errors else ""))
         if opened == 0:
             raise RuntimeError(f"no socket opened: {errors}")
         if registered < opened:
@@ -429,69 +244,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(0.5)  # let admission tails (sector lookups, metrics) settle
 
         # --- publish ---------------------------------------------------------------------------
-        resp = Resp("127.0.0.1", redis.port)
+        resp = Resp("127.0.0.1", stack.redis.port)
         pad = padding_for(args.payload)
         event_bytes = len(build_event(args.events, time.time(), time.monotonic(), pad))
-        pids = {"gateway": gw.pid, "redis": redis.pid, "publisher": os.getpid()}
+        pids = {"gateway": gw.pid, "redis": stack.redis_pid, "publisher": os.getpid()}
         pids.update({f"client{c.k}": c.pid for c in clients})
         pub_times: list[float] = [0.0] * args.events  # time.monotonic() of each XADD
-        progress: dict[int, int] = {c.k: 0 for c in clients}
-        done: dict[int, float] = {}
-        eof: set[int] = set()
+        box = ClientInbox(inbox, clients)
         max_lag = 0.0
-
-        def pump(timeout: float) -> None:
-            """Take client messages for up to ``timeout`` seconds."""
-            end = time.monotonic() + timeout
-            while True:
-                remaining = end - time.monotonic()
-                try:
-                    k, msg = (
-                        inbox.get(timeout=max(remaining, 0))
-                        if remaining > 0
-                        else inbox.get_nowait()
-                    )
-                except queue.Empty:
-                    return
-                kind = msg["type"]
-                if kind == "progress":
-                    progress[k] = msg["frames"]
-                elif kind == "done":
-                    progress[k] = msg["frames"]
-                    done[k] = time.time()
-                elif kind == "eof":
-                    eof.add(k)
-                elif kind == "result":
-                    results[k] = msg
-
-        results: dict[int, dict[str, Any]] = {}
         expected_frames = opened * args.events
-        active = [c.k for c in clients if connected[c.k]["open"] > 0]
+        active = [c.k for c in clients if opening.connected[c.k]["open"] > 0]
         snap0 = CpuSnapshot(pids)
         if args.profile:
-            spy_path = args.results_dir / f"{base_name}.folded"
-            args.results_dir.mkdir(parents=True, exist_ok=True)
             assert gw.pid is not None
             spy = start_py_spy(
                 gw.pid,
                 math.ceil(expected_window + args.drain_timeout + 10),
-                spy_path,
+                args.results_dir / f"{base_name}.folded",
                 rate=args.profile_rate,
+                attach=0.3,
             )
-            time.sleep(0.3)  # py-spy attaches
             snap0 = CpuSnapshot(pids)
         wall_offset0 = time.time() - time.monotonic()
         t0 = time.monotonic()
         t_first_pub = t0
         next_report = t0 + 1.0
         for seq in range(args.events):
-            scheduled = t0 + seq / args.rate
-            while True:
-                delay = scheduled - time.monotonic()
-                if delay <= 0:
-                    break
-                pump(min(delay, 0.05))
-            max_lag = max(max_lag, time.monotonic() - scheduled)
+            max_lag = max(max_lag, box.wait_until(t0 + seq / args.rate))
             m_pub = time.monotonic()
             pub_times[seq] = m_pub
             resp.call(
@@ -506,9 +285,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             now = time.monotonic()
             if now >= next_report:
-                pump(0)
+                box.pump(0)
                 log(
-                    f"published {seq + 1}/{args.events}, received {sum(progress.values())}/{expected_frames} "
+                    f"published {seq + 1}/{args.events}, received {box.frames()}/{expected_frames} "
                     "frames"
                 )
                 next_report = now + 1.0
@@ -518,19 +297,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publish_s = time.monotonic() - t0
         log(f"published {args.events} events in {publish_s:.2f} s; waiting for the last frames")
 
-        drain_until = time.monotonic() + args.drain_timeout
         next_report = time.monotonic() + 1.0
-        while not all(k in done or k in eof for k in active):
-            if time.monotonic() >= drain_until:
-                log(f"drain timeout: {sum(progress.values())}/{expected_frames} frames received")
-                break
-            pump(0.02)
+
+        def report() -> None:
+            nonlocal next_report
             if time.monotonic() >= next_report:
-                log(f"received {sum(progress.values())}/{expected_frames} frames")
+                log(f"received {box.frames()}/{expected_frames} frames")
                 next_report = time.monotonic() + 1.0
+
+        box.drain(active, args.drain_timeout, expected_frames, report)
         snap1 = CpuSnapshot(pids)
         wall_step = (time.time() - time.monotonic()) - wall_offset0
-        complete = all(k in done for k in active)
+        complete = all(k in box.done for k in active)
         if spy is not None and spy.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -538,16 +316,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gateway_cpu = util["cpu_s"].get("gateway", 0.0)
 
         # --- collect ---------------------------------------------------------------------------
-        for c in clients:
-            c.stop()
-        collect_until = time.monotonic() + 60
-        while len(results) < len(clients) and time.monotonic() < collect_until:
-            pump(0.2)
-            if all(k in results or k in eof for k in range(len(clients))):
-                break
-        if len(results) < len(clients):
-            missing_clients = [k for k in range(len(clients)) if k not in results]
-            raise RuntimeError(f"no result from clients {missing_clients}")
+        box.collect(clients, 60)
+        results = box.results
         gw_metrics = gw.metrics()
 
         # --- analyse ---------------------------------------------------------------------------
@@ -587,8 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 per_event_stats.append(
                     (pub_times[seq] - t_first_pub, values[len(values) // 2], values[-1])
                 )
-        ncpu = os.cpu_count() or 1
-        neck = bottleneck(util, ncpu=ncpu)
+        neck = bottleneck(util, ncpu=os.cpu_count() or 1)
         achieved_rate = (
             args.events / (t_last_pub - t_first_pub)
             if args.events > 1 and t_last_pub > t_first_pub
@@ -609,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "out_of_order": out_of_order,
             "complete": complete and missing == 0,
             "frames_per_s": round(delivered / window, 1),
-            "latency_ms": {k: round(v, 2) for k, v in lat.items()},
+            "latency_ms": rounded(lat),
             "server_cpu_us_per_frame": round(gateway_cpu / delivered * 1e6, 2)
             if delivered
             else None,
@@ -636,24 +405,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "direct_write": args.direct_write,
             "role": args.role,
             "bottleneck": neck["summary"],
-            "cpu_cores": {
-                **util["cores"],
-                "machine_busy_cores": util["machine_busy_cores"],
-                "outside_benchmark": util["other_cores"],
-                "machine_by_kind": util["machine_cores_by_kind"],
-            },
+            "cpu_cores": cpu_cores(util),
             "achieved_rate": round(achieved_rate, 2) if achieved_rate else None,
             "publish_max_lag_ms": round(max_lag * 1000, 2),
             "gateway_dispatch_ms": dispatch_stats(gw_metrics),
             "wall_clock_adjusted_ms": round(wall_step * 1000, 2),
-            "connect": {
-                "opened": opened,
-                "failed": failed,
-                "registered": registered,
-                "seconds": round(connect_s, 2),
-                "gateway_cpu_ms_per_socket": round(connect_cpu / max(opened, 1) * 1000, 3),
-                "errors": errors,
-            },
+            "connect": opening.summary(),
             "gateway_counters": {
                 "frames_delivered": gw_frames,
                 "direct_writes": direct,
@@ -667,46 +424,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "profiled": bool(args.profile),
             "timestamp": started,
             "host_busy_cores_before": host_busy_before,
-            "gateway_code": code_identity,
-            "host": {
-                "cpus": ncpu,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-            },
+            "gateway_code": stack.code_identity,
+            "host": host_info(fd_limit=False),
         }
 
         # --- profile and files -----------------------------------------------------------------
         if spy is not None:
-            try:
-                _, spy_err = spy.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                stop_process(spy)
-                spy_err = b""
+            profile = finish_profile(spy, args.results_dir, base_name, timeout=30)
             spy = None
-            folded = args.results_dir / f"{base_name}.folded"
-            if folded.exists() and folded.stat().st_size:
-                summary = profile_summary(folded)
-                top_txt = args.results_dir / f"{base_name}.top.txt"
-                top_txt.write_text(format_profile(summary))
-                svg = args.results_dir / f"profile-{base_name}.svg"
-                render_flamegraph(folded, svg, f"gateway, {base_name}")
-                result["profile"] = {
-                    "samples": summary["samples"],
-                    "idle_samples": summary["idle_samples"],
-                    "svg": _rel(svg),
-                    "top": _rel(top_txt),
-                    "self_top5": [f"{r['percent']}% {r['function']}" for r in summary["self"][:5]],
-                }
-                log("gateway profile (py-spy):\n" + format_profile(summary, top=15))
-            else:
-                log(f"py-spy produced no output: {spy_err.decode(errors='replace')[-500:]}")
+            if "error" not in profile:
+                keep = ("samples", "idle_samples", "svg", "top", "self_top5")
+                result["profile"] = {k: profile[k] for k in keep}
         if not args.no_save:
-            args.results_dir.mkdir(parents=True, exist_ok=True)
-            json_path = args.results_dir / f"{base_name}.json"
-            png_path = args.results_dir / f"{base_name}.png"
-            result["files"] = {"json": _rel(json_path), "png": _rel(png_path)}
             detail = {
-                **result,
                 "utilisation": util,
                 "bottleneck_detail": neck,
                 "per_client": {
@@ -721,57 +451,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     k: v for k, v in gw_metrics.items() if k.startswith("wsgateway_")
                 },
             }
-            write_json(json_path, detail)
             title = (
                 f"fanout: {args.sockets} sockets × {args.events} events at {args.rate:g}/s, "
                 f"{event_bytes} B, direct_write={args.direct_write}, {args.clients} clients "
                 f"({args.client_impl}); p50 {lat.get('p50', 0):.1f} ms, p99 {lat.get('p99', 0):.1f} ms, "
                 f"{result['server_cpu_us_per_frame']} µs/frame"
             )
-            plot_latency(png_path, latencies, per_event_stats, title)
-            log(f"wrote {_rel(json_path)} and {png_path.name}")
+            save_result(
+                result,
+                args.results_dir,
+                base_name,
+                detail=detail,
+                draw=lambda png: plot_latency(png, latencies, per_event_stats, title),
+            )
         return result
     finally:
-        for c in clients:
-            c.stop()
-        for c in clients:
-            stop_process(c.proc, timeout=5)
+        stop_clients(clients, timeout=5)
         if spy is not None:
             stop_process(spy)
         if resp is not None:
             resp.close()
-        if gw is not None:
-            gw.stop()
-        if redis is not None:
-            redis.close()
-        if result:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            log(f"logs of the gateway and the clients kept in {log_dir}")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that SIGTERM, too, stops every child in ``finally``
+        if stack is not None:
+            stack.close()
+        finish_log_dir(log_dir, bool(result))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        result = run(args)
-    except Exception as exc:
-        log(f"benchmark failed: {exc}")
-        print(
-            json.dumps(
-                {"bench": "fanout", "error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
-            )
-        )
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    print(json.dumps(result, separators=(",", ":")))
-    return 0 if result.get("complete") else 3
+    return run_main("fanout", lambda: run(args), lambda result: bool(result.get("complete")))
 
 
 if __name__ == "__main__":

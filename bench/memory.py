@@ -33,13 +33,11 @@ tables) under ``bench/results/``. Every process is stopped in ``finally``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
 import queue
 import resource
-import shutil
 import signal
 import sys
 import tempfile
@@ -122,42 +120,33 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--serve-instrumented"]:
 # --gateway-ref snapshot that the instrumented gateway above must import.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS,
     ClientProcess,
-    CpuSnapshot,
+    Opening,
     Stack,
+    add_run_args,
     bottleneck,
+    finish_log_dir,
     host_info,
-    install_sigterm_handler,
+    instrumented_gateway,
     kernel_socket_memory,
     log,
     proc_fd_count,
     proc_memory,
-    python_exe,
     rel,
+    run_main,
+    save_figure,
+    save_result,
     stamp,
-    stop_process,
+    start_clients,
+    stop_clients,
+    subplots,
     wait_for_quiet_host,
-    wait_registered,
-    write_json,
 )
 from storm import population_targets  # noqa: E402
 
 from gateway.settings import Settings  # noqa: E402
 
-THIS = Path(__file__).resolve()
 GOAL_KIB = 20.0
-
-
-def instrumented_cmd(
-    port: int, *, frames: int, snapshot_dir: str | None, gc_log: str | None
-) -> list[str]:
-    cmd = [python_exe(), str(THIS), "--serve-instrumented", "--port", str(port)]
-    if frames > 0 and snapshot_dir:
-        cmd += ["--tracemalloc-frames", str(frames), "--snapshot-dir", snapshot_dir]
-    if gc_log:
-        cmd += ["--gc-log", gc_log]
-    return cmd
 
 
 def gc_summary(path: str, t_from: float | None = None, t_to: float | None = None) -> dict[str, Any]:
@@ -333,11 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracemalloc", action="store_true", help="attribute Python allocations")
     p.add_argument("--tracemalloc-frames", type=int, default=16)
     p.add_argument("--gc-log", action="store_true", help="record the gateway's GC pauses")
-    p.add_argument("--wait-idle", type=float, default=0.0)
-    p.add_argument("--idle-threshold", type=float, default=0.5)
-    p.add_argument("--gateway-ref", default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p)
     args = p.parse_args(argv)
     try:
         args.counts = [int(x) for x in args.sockets.split(",") if x.strip()]
@@ -372,15 +357,11 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
         "WS_MAX_TOTAL_CONNECTIONS": str(n + 1000),
         "WS_HEARTBEAT_TIMEOUT": "3600",
     }
-
-    def factory(port: int) -> list[str]:
-        return instrumented_cmd(
-            port,
-            frames=args.tracemalloc_frames if args.tracemalloc else 0,
-            snapshot_dir=snap_dir if args.tracemalloc else None,
-            gc_log=gc_log,
-        )
-
+    factory = instrumented_gateway(
+        frames=args.tracemalloc_frames if args.tracemalloc else 0,
+        snapshot_dir=snap_dir if args.tracemalloc else None,
+        gc_log=gc_log,
+    )
     stack = Stack(
         env,
         log_dir=run_dir,
@@ -402,44 +383,25 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
             mem0 = proc_memory(gw.pid) or {}
         log(f"N={n}: gateway RSS before {mem0.get('VmRSS', 0) / 1024:.1f} MiB; connecting")
         k_count = min(args.clients, n)
-        cpu0 = CpuSnapshot({"gateway": gw.pid})
-        t0 = time.monotonic()
-        for k in range(k_count):
-            idx = list(range(k, n, k_count))
-            cfg = {
-                "client": k,
+        opening = Opening(gw)
+        start_clients(
+            clients,
+            k_count,
+            n,
+            inbox=inbox,
+            log_dir=run_dir,
+            per_socket={"tokens": ["-"] * n, "targets": targets},
+            common={
                 "url": f"{gw.ws_url}/ws/waiter",
-                "tokens": ["-"] * len(idx),
-                "targets": [targets[i] for i in idx],
-                "indices": idx,
                 "events": 0,
                 "connect_timeout": args.connect_timeout,
                 "deadline": args.connect_timeout + args.settle + 120,
-            }
-            clients.append(ClientProcess(k, cfg, inbox, run_dir))
-        connected: dict[int, dict[str, Any]] = {}
-        until = time.monotonic() + args.connect_timeout + 15
-        while len(connected) < len(clients):
-            if time.monotonic() > until:
-                raise RuntimeError("clients did not report their connections in time")
-            if not gw.alive():
-                raise RuntimeError(f"gateway died while sockets opened; log:\n{gw.log_tail()}")
-            with contextlib.suppress(queue.Empty):
-                k, msg = inbox.get(timeout=0.2)
-                if msg["type"] == "connected":
-                    connected[k] = msg
-                elif msg["type"] == "eof":
-                    raise RuntimeError(f"client {k} exited early:\n{clients[k].log_tail()}")
-        opened = sum(m["open"] for m in connected.values())
-        failed = sum(m["failed"] for m in connected.values())
-        errors: dict[str, int] = defaultdict(int)
-        for m in connected.values():
-            for e, c in m.get("errors", {}).items():
-                errors[e] += c
-        registered, _ = wait_registered(gw, n, timeout=args.connect_timeout)
-        connect_s = time.monotonic() - t0
-        util = cpu0.delta(CpuSnapshot({"gateway": gw.pid}))
-        log(f"N={n}: {opened} open, {failed} failed, {registered} registered in {connect_s:.1f} s")
+            },
+        )
+        opening.wait(
+            clients, inbox, args.connect_timeout, expect=n, register_timeout=args.connect_timeout
+        )
+        log(f"N={n}: {opening.describe()}")
         timeline: list[tuple[float, int]] = []
         t_idle = time.monotonic()
         while time.monotonic() - t_idle < args.settle:
@@ -456,10 +418,7 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
             if not wait_for_file(os.path.join(snap_dir, "snap-1.tm"), 120):
                 raise RuntimeError("no tracemalloc snapshot after settling")
         # Close every socket; what comes back to the OS?
-        for c in clients:
-            c.stop()
-        for c in clients:
-            stop_process(c.proc, timeout=30)
+        stop_clients(clients, timeout=30)
         t_close = time.monotonic()
         drained = -1
         while time.monotonic() - t_close < 15:
@@ -478,12 +437,12 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
         per = (rss1 - rss0) / n
         result: dict[str, Any] = {
             "sockets": n,
-            "opened": opened,
-            "failed": failed,
-            "registered": registered,
+            "opened": opening.opened,
+            "failed": opening.failed,
+            "registered": opening.registered,
             "still_registered_after_settle": still,
             "registered_after_close": drained,
-            "errors": dict(errors),
+            "errors": opening.errors,
             "rss_before_kib": rss0,
             "rss_idle_kib": rss1,
             "rss_after_close_kib": rss2,
@@ -497,11 +456,9 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
             "kernel_tcp_note": "machine-wide TCP buffer pages (both ends of each loopback "
             "connection, other users of the host too); not part of any process's RSS",
             "gateway_fds": fds,
-            "connect_s": round(connect_s, 2),
-            "connect_gateway_cpu_ms_per_socket": round(
-                util["cpu_s"].get("gateway", 0.0) / max(opened, 1) * 1000, 3
-            ),
-            "connect_bottleneck": bottleneck(util, ncpu=os.cpu_count() or 1)["summary"],
+            "connect_s": round(opening.seconds, 2),
+            "connect_gateway_cpu_ms_per_socket": opening.gateway_cpu_ms_per_socket,
+            "connect_bottleneck": bottleneck(opening.util, ncpu=os.cpu_count() or 1)["summary"],
             "rss_timeline_kib": timeline,
             "instrumented": bool(instrumented),
         }
@@ -522,24 +479,17 @@ def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
             result["note"] = "RSS of a tracemalloc run includes tracemalloc's own bookkeeping"
         return result
     finally:
-        for c in clients:
-            c.stop()
-        for c in clients:
-            stop_process(c.proc, timeout=10)
+        stop_clients(clients, timeout=10)
         stack.close()
-        # Written by the instrumented gateway on exit (after the drain); main() picks it up.
+        # Written by the instrumented gateway on exit (after the drain); run_all() picks it up.
         if gc_log and wait_for_file(gc_log, 5):
             args.gc_results[n] = gc_summary(gc_log)
 
 
 def plot(path: Path, runs: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    fig, axes = subplots(1, 2, (14, 4.8))
     ax = axes[0]
     x = np.arange(len(runs))
     per = [r["rss_per_socket_kib"] for r in runs]
@@ -565,23 +515,11 @@ def plot(path: Path, runs: list[dict[str, Any]], title: str) -> None:
     ax.set_title("RSS while idle")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_sigterm_handler()
-    started = stamp()
-    args.base_name = (
-        f"memory-{started}-n{'-'.join(str(c) for c in args.counts)}-c{args.clients}"
-        f"-{args.population}" + ("-tm" if args.tracemalloc else "") + ("-gc" if args.gc_log else "")
-    )
-    args.gc_results = {}
-    args.code_identity = {}
+def run_all(args: argparse.Namespace, started: str) -> dict[str, Any]:
+    """Every count of ``args.counts`` in turn, then the summary and the result files."""
     log_dir = tempfile.mkdtemp(prefix="gw-bench-mem-")
     ok = False
     try:
@@ -667,35 +605,37 @@ def main(argv: list[str] | None = None) -> int:
             if "gc" in r:
                 result.setdefault("gc", {})[str(r["sockets"])] = r["gc"]
         if not args.no_save:
-            json_path = args.results_dir / f"{args.base_name}.json"
-            png_path = args.results_dir / f"{args.base_name}.png"
-            result["files"] = {"json": rel(json_path), "png": rel(png_path)}
-            write_json(json_path, {**result, "runs": runs})
-            plot(
-                png_path,
-                runs,
+            title = (
                 f"memory: {', '.join(str(r['sockets']) for r in runs)} idle sockets "
                 f"({args.population}); KiB/socket "
                 + ", ".join(f"{r['rss_per_socket_kib']}" for r in runs)
-                + (" [tracemalloc run: RSS inflated]" if args.tracemalloc else ""),
+                + (" [tracemalloc run: RSS inflated]" if args.tracemalloc else "")
             )
-            log(f"wrote {rel(json_path)} and {png_path.name}")
+            save_result(
+                result,
+                args.results_dir,
+                args.base_name,
+                detail={"runs": runs},
+                draw=lambda png: plot(png, runs, title),
+            )
         ok = True
-    except Exception as exc:
-        log(f"benchmark failed: {exc}")
-        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        print(json.dumps({"bench": "memory", "error": msg}))
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        return result
     finally:
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            log(f"logs kept in {log_dir}")
-    print(json.dumps(result, separators=(",", ":")))
-    return 0 if result["failures"] == 0 else 3
+        finish_log_dir(log_dir, ok, "logs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = stamp()
+    args.base_name = (
+        f"memory-{started}-n{'-'.join(str(c) for c in args.counts)}-c{args.clients}"
+        f"-{args.population}" + ("-tm" if args.tracemalloc else "") + ("-gc" if args.gc_log else "")
+    )
+    args.gc_results = {}
+    args.code_identity = {}
+    return run_main(
+        "memory", lambda: run_all(args, started), lambda result: result["failures"] == 0
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import queue
@@ -62,28 +61,38 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attrs
 from _common import (
-    RESULTS,
+    ClientInbox,
     ClientProcess,
     CpuSnapshot,
+    Opening,
     Resp,
     Stack,
+    add_profile_args,
+    add_run_args,
     bottleneck,
+    cpu_cores,
     dispatch_stats,
+    finish_log_dir,
     finish_profile,
     host_info,
-    install_sigterm_handler,
+    instrumented_gateway,
     log,
     metric_sum,
     percentiles,
+    plot_per_event,
     proc_cpu_seconds,
     proc_memory,
-    rel,
+    rounded,
+    run_main,
+    save_figure,
+    save_result,
     stamp,
+    start_clients,
     start_py_spy,
+    stop_clients,
     stop_process,
+    subplots,
     wait_for_quiet_host,
-    wait_registered,
-    write_json,
 )
 
 from gateway import routing
@@ -320,7 +329,7 @@ def plan_event(seq: int, seed: int, branches: int) -> Planned:
     return Planned(seq, family, kind, b, table, session, sec, paths)
 
 
-ACTORS = {
+ACTORS: dict[str, dict[str, object]] = {
     "round": {"user_id": None, "role": "DINER"},
     "service_call": {"user_id": None, "role": "DINER"},
     "check": {"user_id": None, "role": "DINER"},
@@ -349,9 +358,9 @@ def entity_of(p: Planned) -> dict[str, Any]:
     return {"seq": n, "entity_type": "product", "entity_id": n % 400 + 1, "name": "Café ☕"}
 
 
-def routing_event(p: Planned) -> Event:
-    """The routing fields exactly as the gateway's ``parse_event`` reads them (payload dropped)."""
-    raw = encode_envelope(
+def encoded_event(p: Planned, entity: dict[str, Any], ts: str | None = None) -> bytes:
+    """One copy of a logical event as the backend publishes it (``ts`` None: now)."""
+    return encode_envelope(
         envelope(
             p.type,
             TENANT,
@@ -359,11 +368,16 @@ def routing_event(p: Planned) -> Event:
             table_id=p.table,
             session_id=p.session,
             sector_id=p.sector,
-            entity=entity_of(p),
+            entity=entity,
             actor=ACTORS[p.family],
+            ts=ts,
         )
     )
-    ev = parse_event(raw, max_size=MAX_EVENT_BYTES)
+
+
+def routing_event(p: Planned) -> Event:
+    """The routing fields exactly as the gateway's ``parse_event`` reads them (payload dropped)."""
+    ev = parse_event(encoded_event(p, entity_of(p)), max_size=MAX_EVENT_BYTES)
     return attrs.evolve(ev, frame_payload=b"", dedup_key=b"", ts_epoch=None)
 
 
@@ -376,19 +390,7 @@ def publish_commands(p: Planned, t_pub: float, m_pub: float, jitter: bool) -> li
     commands: list[list[Any]] = []
     for k, path in enumerate(p.paths):
         ts = (base + timedelta(milliseconds=2 * k if jitter else 0)).isoformat()
-        raw = encode_envelope(
-            envelope(
-                p.type,
-                TENANT,
-                p.branch,
-                table_id=p.table,
-                session_id=p.session,
-                sector_id=p.sector,
-                entity=entity,
-                actor=ACTORS[p.family],
-                ts=ts,
-            )
-        )
+        raw = encoded_event(p, entity, ts)
         if path is None:
             commands.append(["XADD", STREAM, "MAXLEN", "~", STREAM_MAXLEN, "*", "data", raw])
         else:
@@ -495,17 +497,8 @@ def add_workload_args(p: argparse.ArgumentParser, *, duration_default: float) ->
         help="run the gateway in memory.py's instrumented mode and report garbage-collector "
         "pauses (gen 2 collections walk every object, so they grow with the socket count)",
     )
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="py-spy the gateway while publishing (adds latency: for the profile only)",
-    )
-    p.add_argument("--profile-rate", type=int, default=200)
-    p.add_argument("--wait-idle", type=float, default=0.0)
-    p.add_argument("--idle-threshold", type=float, default=0.5)
-    p.add_argument("--gateway-ref", default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--no-save", action="store_true")
+    add_profile_args(p, "py-spy the gateway while publishing (adds latency: for the profile only)")
+    add_run_args(p)
 
 
 def check_workload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -569,13 +562,7 @@ def run_workload(args: argparse.Namespace) -> Workload:
     ok = False
     gc_dir = tempfile.mkdtemp(prefix="gw-bench-gc-") if args.gc_log else None
     gc_log = os.path.join(gc_dir, "gc.json") if gc_dir else None
-    factory = None
-    if gc_log:
-        from memory import instrumented_cmd
-
-        def factory(port: int) -> list[str]:
-            return instrumented_cmd(port, frames=0, snapshot_dir=None, gc_log=gc_log)
-
+    factory = instrumented_gateway(gc_log=gc_log) if gc_log else None
     w: Workload | None = None
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -594,92 +581,43 @@ def run_workload(args: argparse.Namespace) -> Workload:
         # --- sockets ---------------------------------------------------------------------------
         duration = n_events / args.rate
         deadline = args.connect_timeout + duration + args.drain_timeout + args.grace + 120
-        cpu_c0 = CpuSnapshot({"gateway": gw.pid})
-        t_c0 = time.monotonic()
-        for k in range(args.clients):
-            idx = list(range(k, len(population), args.clients))
-            cfg = {
-                "client": k,
+        opening = Opening(gw)
+        start_clients(
+            clients,
+            args.clients,
+            len(population),
+            inbox=inbox,
+            log_dir=log_dir,
+            per_socket={
+                "tokens": ["-"] * len(population),
+                "targets": [spec.target for spec in population],
+                "expected": wants,
+            },
+            common={
                 "url": f"{gw.ws_url}/ws/waiter",
-                "tokens": ["-"] * len(idx),
-                "targets": [population[i].target for i in idx],
-                "indices": idx,
                 "events": 0,
-                "expected": [wants[i] for i in idx],
                 "connect_timeout": args.connect_timeout,
                 "deadline": deadline,
                 "ping_interval": args.ping_interval,
-            }
-            clients.append(ClientProcess(k, cfg, inbox, log_dir))
+            },
+        )
         log(f"{args.clients} client processes opening {len(population)} sockets")
-        connected: dict[int, dict[str, Any]] = {}
-        until = time.monotonic() + args.connect_timeout + 15
-        while len(connected) < len(clients):
-            if time.monotonic() > until:
-                raise RuntimeError("clients did not report their connections in time")
-            if not gw.alive():
-                raise RuntimeError(f"gateway died while sockets opened; log:\n{gw.log_tail()}")
-            with contextlib.suppress(queue.Empty):
-                k, msg = inbox.get(timeout=0.2)
-                if msg["type"] == "connected":
-                    connected[k] = msg
-                elif msg["type"] == "eof":
-                    raise RuntimeError(f"client {k} exited early:\n{clients[k].log_tail()}")
-        opened = sum(m["open"] for m in connected.values())
-        failed = sum(m["failed"] for m in connected.values())
-        errors: dict[str, int] = defaultdict(int)
-        for m in connected.values():
-            for e, n in m.get("errors", {}).items():
-                errors[e] += n
-        registered, _ = wait_registered(gw, opened, timeout=args.connect_timeout)
-        connect_s = time.monotonic() - t_c0
-        connect_cpu = cpu_c0.delta(CpuSnapshot({"gateway": gw.pid}))["cpu_s"].get("gateway", 0.0)
-        log(f"{opened} open, {failed} failed, {registered} registered in {connect_s:.1f} s")
-        if failed or registered < len(population):
+        opening.wait(clients, inbox, args.connect_timeout, register_timeout=args.connect_timeout)
+        log(opening.describe())
+        if opening.failed or opening.registered < len(population):
             raise RuntimeError(
-                f"only {registered} of {len(population)} sockets registered ({dict(errors)}); "
-                f"log:\n{gw.log_tail()}"
+                f"only {opening.registered} of {len(population)} sockets registered "
+                f"({opening.errors}); log:\n{gw.log_tail()}"
             )
         time.sleep(1.0)
         rss_after_connect = (proc_memory(gw.pid) or {}).get("VmRSS")
-        connect = {
-            "sockets": len(population),
-            "opened": opened,
-            "failed": failed,
-            "registered": registered,
-            "seconds": round(connect_s, 2),
-            "gateway_cpu_ms_per_socket": round(connect_cpu / max(opened, 1) * 1000, 3),
-            "errors": dict(errors),
-        }
+        connect = {"sockets": len(population), **opening.summary()}
 
         # --- publish ---------------------------------------------------------------------------
         resp = Resp("127.0.0.1", stack.redis.port)
         pids = {"gateway": gw.pid, "redis": stack.redis_pid, "publisher": os.getpid()}
         pids.update({f"client{c.k}": c.pid for c in clients})
-        progress: dict[int, int] = {c.k: 0 for c in clients}
-        done: dict[int, float] = {}
-        eof: set[int] = set()
-        results: dict[int, dict[str, Any]] = {}
-
-        def pump(timeout: float) -> None:
-            end = time.monotonic() + timeout
-            while True:
-                remaining = end - time.monotonic()
-                try:
-                    k, msg = inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait()
-                except queue.Empty:
-                    return
-                kind = msg["type"]
-                if kind == "progress":
-                    progress[k] = msg["frames"]
-                elif kind == "done":
-                    progress[k] = msg["frames"]
-                    done[k] = time.monotonic()
-                elif kind == "eof":
-                    eof.add(k)
-                elif kind == "result":
-                    results[k] = msg
-
+        box = ClientInbox(inbox, clients)
         samples: list[dict[str, Any]] = []
         gw_pid, redis_pid = gw.pid, stack.redis_pid
 
@@ -693,7 +631,7 @@ def run_workload(args: argparse.Namespace) -> Workload:
                     "redis_rss_kb": (proc_memory(redis_pid) or {}).get("VmRSS"),
                     "gateway_cpu_s": proc_cpu_seconds(gw_pid),
                     "redis_cpu_s": proc_cpu_seconds(redis_pid),
-                    "frames": sum(progress.values()),
+                    "frames": box.frames(),
                 }
             )
 
@@ -701,7 +639,6 @@ def run_workload(args: argparse.Namespace) -> Workload:
         pub_m = [0.0] * n_events
         max_lag = 0.0
         if args.profile:
-            args.results_dir.mkdir(parents=True, exist_ok=True)
             assert gw.pid is not None
             spy = start_py_spy(
                 gw.pid,
@@ -709,20 +646,13 @@ def run_workload(args: argparse.Namespace) -> Workload:
                 args.results_dir / f"{args.base_name}.folded",
                 rate=args.profile_rate,
             )
-            time.sleep(0.5)  # py-spy attaches
         snap0 = CpuSnapshot(pids)
         t0 = time.monotonic()
         sample(0.0)
         next_sample = t0 + args.sample_interval
         next_report = t0 + 5.0
         for seq, plan in enumerate(plans):
-            scheduled = t0 + seq / args.rate
-            while True:
-                delay = scheduled - time.monotonic()
-                if delay <= 0:
-                    break
-                pump(min(delay, 0.05))
-            max_lag = max(max_lag, time.monotonic() - scheduled)
+            max_lag = max(max_lag, box.wait_until(t0 + seq / args.rate))
             m_pub = time.monotonic()
             pub_m[seq] = m_pub
             replies = resp.pipeline(publish_commands(plan, time.time(), m_pub, seq % 2 == 1))
@@ -734,10 +664,9 @@ def run_workload(args: argparse.Namespace) -> Workload:
                 sample(now - t0)
                 next_sample += args.sample_interval
             if now >= next_report:
-                pump(0)
-                expected_so_far = sum(progress.values())
+                box.pump(0)
                 log(
-                    f"published {seq + 1}/{n_events}, received {expected_so_far} frames, "
+                    f"published {seq + 1}/{n_events}, received {box.frames()} frames, "
                     f"gateway RSS {(samples[-1]['rss_kb'] or 0) / 1024:.1f} MB"
                 )
                 next_report = now + (5.0 if args.duration <= 120 else 30.0)
@@ -745,35 +674,25 @@ def run_workload(args: argparse.Namespace) -> Workload:
                     raise RuntimeError(f"gateway died during the run; log:\n{gw.log_tail()}")
         t_last_pub = time.monotonic()
         log(f"published {n_events} events in {t_last_pub - t0:.1f} s; waiting for the last frames")
-        drain_until = time.monotonic() + args.drain_timeout
-        active = [c.k for c in clients]
-        while not all(k in done or k in eof for k in active):
-            if time.monotonic() >= drain_until:
-                log(f"drain timeout: {sum(progress.values())}/{sum(wants)} frames received")
-                break
-            pump(0.02)
+
+        def sample_when_due() -> None:
+            nonlocal next_sample
             if time.monotonic() >= next_sample:
                 sample(time.monotonic() - t0)
                 next_sample += args.sample_interval
+
+        active = [c.k for c in clients]
+        box.drain(active, args.drain_timeout, sum(wants), sample_when_due)
         snap1 = CpuSnapshot(pids)
         if spy is not None and spy.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
         sample(time.monotonic() - t0)
-        complete = all(k in done for k in active)
+        complete = all(k in box.done for k in active)
         # Keep listening a little: a copy delivered twice would arrive now.
-        pump(args.grace)
+        box.pump(args.grace)
         metrics_after = gw.metrics()
-        for c in clients:
-            c.stop()
-        collect_until = time.monotonic() + 120
-        while len(results) < len(clients) and time.monotonic() < collect_until:
-            pump(0.2)
-            if all(k in results or k in eof for k in range(len(clients))):
-                break
-        missing_clients = [k for k in range(len(clients)) if k not in results]
-        if missing_clients:
-            raise RuntimeError(f"no result from clients {missing_clients}")
+        box.collect(clients, 120)
         profile = None
         if spy is not None:
             profile = finish_profile(spy, args.results_dir, args.base_name)
@@ -787,7 +706,7 @@ def run_workload(args: argparse.Namespace) -> Workload:
             pub_m=pub_m,
             t_first_pub=t0,
             t_last_pub=t_last_pub,
-            results=results,
+            results=box.results,
             util=snap0.delta(snap1),
             samples=samples,
             connect=connect,
@@ -804,18 +723,12 @@ def run_workload(args: argparse.Namespace) -> Workload:
     finally:
         if spy is not None:
             stop_process(spy)
-        for c in clients:
-            c.stop()
-        for c in clients:
-            stop_process(c.proc, timeout=5)
+        stop_clients(clients, timeout=5)
         if resp is not None:
             resp.close()
         if stack is not None:
             stack.close()
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            log(f"logs of the gateway and the clients kept in {log_dir}")
+        finish_log_dir(log_dir, ok)
     assert w is not None  # an exception in the try propagates past this point
     if gc_log and gc_dir:
         from memory import gc_summary, wait_for_file
@@ -927,10 +840,6 @@ def analyse(w: Workload) -> Analysis:
     )
 
 
-def rounded(d: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 2) for k, v in d.items()}
-
-
 def summary(w: Workload, a: Analysis, bench: str) -> dict[str, Any]:
     """The fields routed.py and soak.py share."""
     args = w.args
@@ -983,11 +892,7 @@ def summary(w: Workload, a: Analysis, bench: str) -> dict[str, Any]:
         "server_cpu_s": gateway_cpu,
         "gateway_cores": util["cores"].get("gateway"),
         "bottleneck": neck["summary"],
-        "cpu_cores": {
-            **util["cores"],
-            "machine_busy_cores": util["machine_busy_cores"],
-            "outside_benchmark": util["other_cores"],
-        },
+        "cpu_cores": cpu_cores(util, by_kind=False),
         "gateway_counters": {
             "frames_delivered": delta("wsgateway_frames_delivered_total"),
             "events_routed": delta("wsgateway_events_routed_total"),
@@ -1028,13 +933,9 @@ def summary(w: Workload, a: Analysis, bench: str) -> dict[str, Any]:
 
 
 def plot(path: Path, w: Workload, a: Analysis, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    fig, axes = subplots(2, 2, (15, 9))
     ax = axes[0][0]
     for kind in KINDS:
         values = a.by_kind.get(kind)
@@ -1059,19 +960,11 @@ def plot(path: Path, w: Workload, a: Analysis, title: str) -> None:
     per_seq: dict[int, list[float]] = defaultdict(list)
     for seq, lat in zip(a.lat_seq, a.latencies, strict=True):
         per_seq[seq].append(lat)
-    if per_seq:
-        seqs = sorted(per_seq)
-        t = [w.pub_m[s] - w.t_first_pub for s in seqs]
-        ax.plot(
-            t, [float(np.median(per_seq[s])) for s in seqs], ".", ms=2, label="p50 over sockets"
-        )
-        ax.plot(t, [max(per_seq[s]) for s in seqs], ".", ms=2, label="max over sockets")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("publish time (s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("per event")
-    ax.grid(True, alpha=0.3)
+    per_event = [
+        (w.pub_m[s] - w.t_first_pub, float(np.median(per_seq[s])), max(per_seq[s]))
+        for s in sorted(per_seq)
+    ]
+    plot_per_event(ax, per_event, xlabel="publish time (s)", ms=2)
 
     ax = axes[1][0]
     fams = [f for f in FAMILIES if a.by_family.get(f)]
@@ -1108,11 +1001,7 @@ def plot(path: Path, w: Workload, a: Analysis, title: str) -> None:
     ax.set_xlabel("time since first publish (s)")
     ax.set_title("gateway RSS and CPU")
     ax.grid(True, alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1130,7 +1019,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
     started = stamp()
     args.base_name = (
         f"routed-{started}-b{args.branches}-r{args.rate:g}-d{args.duration:g}-c{args.clients}"
@@ -1138,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("-gc" if args.gc_log else "")
         + ("-prof" if args.profile else "")
     )
-    try:
+
+    def body() -> dict[str, Any]:
         w = run_workload(args)
         a = analyse(w)
         result = summary(w, a, "routed")
@@ -1150,35 +1039,27 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["timestamp"] = started
         if not args.no_save:
-            name = args.base_name
-            json_path = args.results_dir / f"{name}.json"
-            png_path = args.results_dir / f"{name}.png"
-            result["files"] = {"json": rel(json_path), "png": rel(png_path)}
-            write_json(
-                json_path,
-                {**result, "utilisation": w.util, "samples": w.samples},
-            )
             title = (
                 f"routed: {len(w.population)} sockets ({args.branches} branches), "
                 f"{len(w.plans)} events at {args.rate:g}/s; misses {a.misses}, extras {a.extras}; "
                 f"p50 {lat.get('p50', 0):.1f} ms, p99 {lat.get('p99', 0):.1f} ms; "
                 f"{result['server_cpu_us_per_frame']} µs/frame; {result['bottleneck']}"
             )
-            plot(png_path, w, a, title)
-            log(f"wrote {rel(json_path)} and {png_path.name}")
-    except Exception as exc:
-        log(f"benchmark failed: {exc}")
-        print(
-            json.dumps(
-                {"bench": "routed", "error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
+            save_result(
+                result,
+                args.results_dir,
+                args.base_name,
+                detail={"utilisation": w.util, "samples": w.samples},
+                draw=lambda png: plot(png, w, a, title),
             )
-        )
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False))
-    return 0 if result["correct"] and result["complete"] else 3
+        return result
+
+    return run_main("routed", body, passed, ensure_ascii=False)
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """Exit status 0 (routed.py and soak.py): every frame right, every socket complete."""
+    return bool(result["correct"] and result["complete"])
 
 
 if __name__ == "__main__":

@@ -25,15 +25,29 @@ Prints progress on stderr, ONE JSON line on stdout, and writes JSON + PNG under
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import install_sigterm_handler, log, percentiles, rel, stamp, write_json
-from routed import Analysis, Workload, add_workload_args, analyse, check_workload_args, summary
+from _common import (
+    percentiles,
+    run_main,
+    save_figure,
+    save_result,
+    stamp,
+    subplots,
+)
+from routed import (
+    Analysis,
+    Workload,
+    add_workload_args,
+    analyse,
+    check_workload_args,
+    passed,
+    summary,
+)
 from routed import run_workload as run_routed_workload
 
 
@@ -123,12 +137,7 @@ def drift(rows: list[dict[str, Any]], w: Workload) -> dict[str, Any]:
 
 
 def plot(path: Path, w: Workload, rows: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = subplots(1, 3, (17, 4.8))
     ax = axes[0]
     mins = [r["minute"] for r in rows if r.get("latency_ms")]
     for key, style in (("p50", "o-"), ("p99", "s-"), ("max", "^:")):
@@ -160,16 +169,11 @@ def plot(path: Path, w: Workload, rows: list[dict[str, Any]], title: str) -> Non
     ax.set_ylabel("gateway CPU (cores)")
     ax.set_title("gateway CPU per minute")
     ax.grid(True, alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
     started = stamp()
     args.base_name = (
         f"soak-{started}-m{args.minutes:g}-b{args.branches}-r{args.rate:g}"
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("-gc" if args.gc_log else "")
         + ("-prof" if args.profile else "")
     )
-    try:
+
+    def body() -> dict[str, Any]:
         w = run_routed_workload(args)
         a = analyse(w)
         result = summary(w, a, "soak")
@@ -199,32 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["timestamp"] = started
         if not args.no_save:
-            name = args.base_name
-            json_path = args.results_dir / f"{name}.json"
-            png_path = args.results_dir / f"{name}.png"
-            result["files"] = {"json": rel(json_path), "png": rel(png_path)}
-            write_json(
-                json_path,
-                {**result, "utilisation": w.util, "samples": w.samples, "gc_full": w.gc},
-            )
             d = result["drift"]
             title = (
                 f"soak: {args.minutes:g} min, {len(w.population)} sockets, {args.rate:g} events/s; "
                 f"misses {a.misses}, extras {a.extras}; p99 {lat.get('p99', 0):.1f} ms; "
                 f"RSS {d.get('rss_mib_first')} → {d.get('rss_mib_last')} MiB; {result['bottleneck']}"
             )
-            plot(png_path, w, rows, title)
-            log(f"wrote {rel(json_path)} and {png_path.name}")
-    except Exception as exc:
-        log(f"benchmark failed: {exc}")
-        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        print(json.dumps({"bench": "soak", "error": msg}))
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False))
-    return 0 if result["correct"] and result["complete"] else 3
+            save_result(
+                result,
+                args.results_dir,
+                args.base_name,
+                detail={"utilisation": w.util, "samples": w.samples, "gc_full": w.gc},
+                draw=lambda png: plot(png, w, rows, title),
+            )
+        return result
+
+    return run_main("soak", body, passed, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import queue
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -49,28 +47,37 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
-    RESULTS,
+    ClientInbox,
     ClientProcess,
     CpuSnapshot,
     HealthPoller,
     Stack,
+    add_profile_args,
+    add_run_args,
     bottleneck,
     counter_delta,
+    cpu_cores,
+    finish_log_dir,
     finish_profile,
     host_info,
-    install_sigterm_handler,
+    instrumented_gateway,
     log,
     metric_sum,
     percentiles,
     proc_fd_count,
     proc_memory,
-    rel,
+    rounded,
+    run_main,
+    save_figure,
+    save_result,
     stamp,
+    start_clients,
     start_py_spy,
+    stop_clients,
     stop_process,
+    subplots,
     tcp_counters,
     wait_for_quiet_host,
-    write_json,
 )
 from routed import TENANT, build_population
 
@@ -124,23 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--poll-interval", type=float, default=0.05, help="/ws/health polling, s (0.05)")
     p.add_argument("--hold", type=float, default=2.0, help="seconds to hold the sockets after")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="py-spy the gateway from go until all are registered (adds latency: profile only)",
+    add_profile_args(
+        p, "py-spy the gateway from go until all are registered (adds latency: profile only)"
     )
-    p.add_argument("--profile-rate", type=int, default=200)
     p.add_argument(
         "--gc-log",
         action="store_true",
         help="run the gateway in memory.py's instrumented mode and report garbage-collector "
         "pauses during the storm",
     )
-    p.add_argument("--wait-idle", type=float, default=0.0)
-    p.add_argument("--idle-threshold", type=float, default=0.5)
-    p.add_argument("--gateway-ref", default=None)
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p)
     args = p.parse_args(argv)
     if not 1 <= args.sockets <= 15000:
         p.error("--sockets must be within 1..15000")
@@ -177,35 +177,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "WS_HEARTBEAT_TIMEOUT": "3600",
         }
         gc_log = os.path.join(log_dir, "gc.json") if args.gc_log else None
-        factory = None
-        if gc_log:
-            from memory import instrumented_cmd
-
-            def factory(port: int) -> list[str]:
-                return instrumented_cmd(port, frames=0, snapshot_dir=None, gc_log=gc_log)
-
+        factory = instrumented_gateway(gc_log=gc_log) if gc_log else None
         stack = Stack(env, log_dir=log_dir, gateway_ref=args.gateway_ref, cmd_factory=factory)
         gw = stack.start()
         assert gw.port is not None
         poller = HealthPoller(gw.port)
-        deadline = args.connect_timeout + args.hold + 60
-        for k in range(args.clients):
-            idx = list(range(k, n, args.clients))
-            cfg = {
-                "client": k,
+        start_clients(
+            clients,
+            args.clients,
+            n,
+            inbox=inbox,
+            log_dir=log_dir,
+            per_socket={"tokens": ["-"] * n, "targets": targets},
+            common={
                 "url": f"{gw.ws_url}/ws/waiter",
-                "tokens": ["-"] * len(idx),
-                "targets": [targets[i] for i in idx],
-                "indices": idx,
                 "events": 0,
                 "connect_timeout": args.connect_timeout,
-                "deadline": deadline,
+                "deadline": args.connect_timeout + args.hold + 60,
                 "max_connecting": 0,
                 "wait_go": True,
                 "go_timeout": 60,
                 "ping_on_open": True,
-            }
-            clients.append(ClientProcess(k, cfg, inbox, log_dir))
+            },
+        )
         ready: set[int] = set()
         until = time.monotonic() + 60
         while len(ready) < len(clients):
@@ -227,7 +221,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # --- the storm -------------------------------------------------------------------------
         if args.profile:
-            args.results_dir.mkdir(parents=True, exist_ok=True)
             assert gw.pid is not None
             spy = start_py_spy(
                 gw.pid,
@@ -235,7 +228,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.results_dir / f"{name}.folded",
                 rate=args.profile_rate,
             )
-            time.sleep(0.5)  # py-spy attaches
         snap0 = CpuSnapshot(pids)
         t_go = time.monotonic()
         for c in clients:
@@ -284,22 +276,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics1 = gw.metrics()
 
         # --- collect ---------------------------------------------------------------------------
-        results: dict[int, dict[str, Any]] = {}
-        for c in clients:
-            c.stop()
-        collect_until = time.monotonic() + 60
-        eof: set[int] = set()
-        while len(results) < len(clients) and time.monotonic() < collect_until:
-            with contextlib.suppress(queue.Empty):
-                k, msg = inbox.get(timeout=0.2)
-                if msg["type"] == "result":
-                    results[k] = msg
-                elif msg["type"] == "eof":
-                    eof.add(k)
-            if all(k in results or k in eof for k in range(len(clients))):
-                break
-        if len(results) < len(clients):
-            raise RuntimeError("no result from every client process")
+        box = ClientInbox(inbox, clients)
+        box.collect(clients, 60)
+        results = box.results
 
         # --- analyse ---------------------------------------------------------------------------
         handshake: list[float] = []
@@ -353,24 +332,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "all_registered_s": round(all_registered_s, 3) if all_registered_s else None,
             "all_ponged_s": round(all_ponged_s, 3) if all_ponged_s else None,
             "all_101_s": round(max(open_at), 3) if open_at else None,
-            "handshake_ms": {k: round(v, 2) for k, v in hs.items()},
-            "handshake_auth_ms": {k: round(v, 2) for k, v in adm.items()},
+            "handshake_ms": rounded(hs),
+            "handshake_auth_ms": rounded(adm),
             "handshake_auth_p99_ms_by_kind": {
                 k: round(percentiles(v, (99,))["p99"], 2) for k, v in sorted(by_kind.items())
             },
-            "connect_issue_spread_ms": {
-                k: round(v, 2) for k, v in percentiles(start_spread, (50, 99)).items()
-            },
+            "connect_issue_spread_ms": rounded(percentiles(start_spread, (50, 99))),
             "gateway_cpu_s": gw_cpu,
             "gateway_cpu_ms_per_socket": round(gw_cpu / max(len(admission), 1) * 1000, 3),
             "gateway_cores": util["cores"].get("gateway"),
             "bottleneck": neck["summary"],
-            "cpu_cores": {
-                **util["cores"],
-                "machine_busy_cores": util["machine_busy_cores"],
-                "outside_benchmark": util["other_cores"],
-                "machine_by_kind": util["machine_cores_by_kind"],
-            },
+            "cpu_cores": cpu_cores(util),
             "window_s": util["wall_s"],
             "tcp_counters_delta": tcp,
             "gateway_rejections": {k: v for k, v in rejected.items() if v},
@@ -412,12 +384,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["profile"] = finish_profile(spy, args.results_dir, name)
             spy = None
         if not args.no_save:
-            json_path = args.results_dir / f"{name}.json"
-            png_path = args.results_dir / f"{name}.png"
-            result["files"] = {"json": rel(json_path), "png": rel(png_path)}
-            write_json(json_path, {**result, "utilisation": util, "health_timeline": timeline})
-            plot(png_path, result, handshake, admission, open_at, pong_at, timeline)
-            log(f"wrote {rel(json_path)} and {png_path.name}")
+            save_result(
+                result,
+                args.results_dir,
+                name,
+                detail={"utilisation": util, "health_timeline": timeline},
+                draw=lambda png: plot(
+                    png, result, handshake, admission, open_at, pong_at, timeline
+                ),
+            )
         ok = True
         return result
     finally:
@@ -425,16 +400,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_process(spy)
         if poller is not None:
             poller.close()
-        for c in clients:
-            c.stop()
-        for c in clients:
-            stop_process(c.proc, timeout=5)
+        stop_clients(clients, timeout=5)
         if stack is not None:
             stack.close()
-        if ok:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            log(f"logs of the gateway and the clients kept in {log_dir}")
+        finish_log_dir(log_dir, ok)
 
 
 def plot(
@@ -446,13 +415,9 @@ def plot(
     pong_at: list[float],
     timeline: list[tuple[float, int]],
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    fig, axes = subplots(1, 2, (15, 5))
     ax = axes[0]
     for values, label in ((handshake, "TCP connect → 101"), (admission, "TCP connect → pong")):
         if values:
@@ -491,33 +456,18 @@ def plot(
     ax.set_title("sockets over time")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.suptitle(
+    save_figure(
+        fig,
+        path,
         f"storm: {result['sockets']} sockets ({result['population']}) from "
         f"{result['client_processes']} processes; all registered {result['all_registered_s']} s; "
         f"failures {result['failures']}; {result['bottleneck']}",
-        fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    install_sigterm_handler()
-    try:
-        result = run(args)
-    except Exception as exc:
-        log(f"benchmark failed: {exc}")
-        msg = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        print(json.dumps({"bench": "storm", "error": msg}))
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    print(json.dumps(result, separators=(",", ":")))
-    return 0 if result["failures"] == 0 else 3
+    return run_main("storm", lambda: run(args), lambda result: result["failures"] == 0)
 
 
 if __name__ == "__main__":
