@@ -396,18 +396,10 @@ class GatewayProcess:
             return "(no log)"
 
     def stop(self, timeout: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(5)
+        from gateway.redis_server import stop_process
+
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
 
 

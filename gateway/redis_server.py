@@ -207,6 +207,20 @@ async def _ping_unix(path: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = _STOP_TIMEOUT) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; a process already gone is fine."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(_STOP_TIMEOUT)
+
+
 @attrs.define
 class _Owned:
     """What a RedisProcess owns, kept apart from it so a finalizer can clean up without it."""
@@ -215,18 +229,8 @@ class _Owned:
     proc: subprocess.Popen[bytes] | None = None
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(_STOP_TIMEOUT)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:
