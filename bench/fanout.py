@@ -72,15 +72,15 @@ from _common import (
     wait_for_quiet_host,
 )
 
-from gateway.events import encode_envelope, envelope
+from gateway.core.events import encode_envelope, envelope
+from gateway.core.tokens import mint_staff_token
 from gateway.settings import Settings
-from gateway.tokens import mint_staff_token
 
 TENANT = 1
 BRANCH = 2
 STREAM = "events:critical"
 STREAM_MAXLEN = 50000
-#: Reaches A(b) and every waiter of the branch whatever its sectors (see gateway.routing).
+#: Reaches A(b) and every waiter of the branch whatever its sectors (see gateway.core.routing).
 EVENT_TYPE = "ROUND_PENDING"
 
 

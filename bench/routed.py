@@ -28,7 +28,7 @@ logical event must reach each socket once.
 Verification: each socket's Principal is derived from its token with the gateway's own
 ``verify_staff_token``/``staff_principal`` (``verify_table_token``/``diner_principal``), each
 event's routing fields with ``parse_event``, and the expected audience with
-``gateway.routing.receives``. Per socket, misses = expected − received and extras = received −
+``gateway.core.routing.receives``. Per socket, misses = expected − received and extras = received −
 expected + duplicates; both must be 0. Sockets whose principals differ only in user id, jti and
 times get the same answer from ``receives`` (it does not read them), so it is evaluated once per
 such class and checked on a sample of sockets with their own principals.
@@ -95,12 +95,17 @@ from _common import (
     wait_for_quiet_host,
 )
 
-from gateway import routing
-from gateway.auth import diner_principal, staff_principal, verify_staff_token, verify_table_token
-from gateway.events import encode_envelope, envelope, parse_event
-from gateway.model import Event, Principal
+from gateway.core import routing
+from gateway.core.auth import (
+    diner_principal,
+    staff_principal,
+    verify_staff_token,
+    verify_table_token,
+)
+from gateway.core.events import encode_envelope, envelope, parse_event
+from gateway.core.model import Event, Principal
+from gateway.core.tokens import mint_staff_token, mint_table_token
 from gateway.settings import Settings
-from gateway.tokens import mint_staff_token, mint_table_token
 
 TENANT = 1
 STREAM = "events:critical"
@@ -415,7 +420,7 @@ class Expectation:
 def expected_audiences(
     population: list[SocketSpec], plans: list[Planned], *, sample: int = 200, seed: int = 1
 ) -> Expectation:
-    """Per socket, the seqs ``gateway.routing.receives`` says it must get."""
+    """Per socket, the seqs ``gateway.core.routing.receives`` says it must get."""
     t0 = time.monotonic()
     class_index: dict[Principal, int] = {}
     class_of: list[int] = []

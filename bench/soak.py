@@ -7,7 +7,7 @@
 The workload is ``routed.py``'s (``run_workload``): 2,900 sockets of 100 branches (admins,
 waiters with sectors, kitchens, diners), the backend's event mix at 200 logical events/s with
 multi-channel copies, published the way the backend publishes; every socket's received set is
-checked against ``gateway.routing.receives`` at the end (misses and extras must be 0). Unlike
+checked against ``gateway.core.routing.receives`` at the end (misses and extras must be 0). Unlike
 ``routed.py`` the clients behave like the TS clients for the heartbeat: every socket sends
 ``ping`` every 30 s (``--ping-interval``), and the gateway keeps its default 60 s heartbeat
 timeout, so a missed ping would show up as a 1001 close.

@@ -81,8 +81,8 @@ from _common import (
 )
 from routed import TENANT, build_population
 
+from gateway.core.tokens import mint_staff_token, mint_table_token
 from gateway.settings import Settings
-from gateway.tokens import mint_staff_token, mint_table_token
 
 
 def population_targets(kind: str, n: int, settings: Settings) -> tuple[list[str], list[str]]:

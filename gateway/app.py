@@ -34,18 +34,18 @@ import attrs
 import coredis
 import trio
 
-from gateway import closecodes
-from gateway.auth import allowed_origins
-from gateway.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
-from gateway.clientip import Network, parse_networks
 from gateway.connection import Connection
-from gateway.dedup import Deduper
-from gateway.index import ConnectionIndex
+from gateway.core import closecodes
+from gateway.core.auth import allowed_origins
+from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
+from gateway.core.clientip import Network, parse_networks
+from gateway.core.dedup import Deduper
+from gateway.core.index import ConnectionIndex
+from gateway.core.model import Principal
 from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
 from gateway.metrics import Metrics
-from gateway.model import Principal
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import run_embedded_redis
 from gateway.sectors import SectorSource
@@ -294,7 +294,7 @@ async def heartbeat_sweeper(gw: Gateway) -> None:
 async def revalidator(gw: Gateway) -> None:
     """Re-check credentials of open sockets when due (D3): staff revocation keys in one MGET per
     round, diner table tokens re-verified. A Redis failure leaves sockets open (D4)."""
-    from gateway.auth import AuthError, recheck_table_principal
+    from gateway.core.auth import AuthError, recheck_table_principal
 
     settings = gw.settings
     tick = min(5.0, settings.jwt_revalidation_interval, settings.table_token_revalidation_interval)

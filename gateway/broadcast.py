@@ -17,15 +17,15 @@ import attrs
 import trio
 
 from gateway.connection import WRITTEN
-from gateway.dedup import Deduper
-from gateway.frames import text_frame
-from gateway.routing import audience
+from gateway.core.dedup import Deduper
+from gateway.core.frames import text_frame
+from gateway.core.routing import audience
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
-    from gateway.index import ConnectionIndex
+    from gateway.core.index import ConnectionIndex
+    from gateway.core.model import Event
     from gateway.metrics import Metrics
-    from gateway.model import Event
 
 log = logging.getLogger("gateway.broadcast")
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from gateway.auth import (
+from gateway.core.auth import (
     ENDPOINT_ROLES,
     AuthError,
     diner_principal,
@@ -29,9 +29,9 @@ from gateway.auth import (
     verify_staff_token,
     verify_table_token,
 )
-from gateway.events import InvalidEvent, parse_event
-from gateway.model import Event, Principal
-from gateway.routing import DINER_CATCHUP_TYPES, receives
+from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.model import Event, Principal
+from gateway.core.routing import DINER_CATCHUP_TYPES, receives
 
 if TYPE_CHECKING:
 

@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from gateway import tokens
+    from gateway.core import tokens
 
     settings = _settings_from(argparse.Namespace())
     if args.kind == "staff":
@@ -112,7 +112,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     import trio
 
-    from gateway.events import InvalidEvent, encode_envelope, envelope, parse_event
+    from gateway.core.events import InvalidEvent, encode_envelope, envelope, parse_event
 
     if args.source == "-":
         payload = sys.stdin.buffer.read().strip()

@@ -1,6 +1,6 @@
 """One accepted WebSocket: its write path, its read loop and its closing sequence.
 
-Write path. Event frames are encoded once per event (``gateway.frames``) and the same ``bytes``
+Write path. Event frames are encoded once per event (``gateway.core.frames``) and the same ``bytes``
 object is handed to every recipient through :meth:`Connection.deliver`, which is synchronous: when
 nothing is queued it writes straight to the socket (no task wake-up), otherwise it appends to a
 bounded queue that the connection's writer task flushes with ``writev``. The writer never removes
@@ -9,7 +9,7 @@ exact byte position inside the queue is always known: a close frame can follow a
 frame without corrupting the stream. A queue that grows past its byte limit marks a slow consumer:
 pending frames are dropped and the socket is closed 1013 without delaying anyone else.
 
-Only incoming data goes through wsproto; outgoing frames are ours (``gateway.frames``), so wsproto
+Only incoming data goes through wsproto; outgoing frames are ours (``gateway.core.frames``), so wsproto
 never sees what we send and the close handshake is tracked here.
 """
 
@@ -27,13 +27,13 @@ from wsproto.connection import Connection as WsProtocol
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from gateway import closecodes, frames
-from gateway.closecodes import Close
-from gateway.ratelimit import SlidingWindow
+from gateway.core import closecodes, frames
+from gateway.core.closecodes import Close
+from gateway.core.ratelimit import SlidingWindow
 
 if TYPE_CHECKING:
+    from gateway.core.model import Endpoint, Principal
     from gateway.metrics import Metrics
-    from gateway.model import Endpoint, Principal
 
 log = logging.getLogger("gateway.connection")
 

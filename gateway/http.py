@@ -19,7 +19,7 @@ import trio
 
 from gateway import __version__
 from gateway.broadcast import Job
-from gateway.events import InvalidEvent, parse_event
+from gateway.core.events import InvalidEvent, parse_event
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:

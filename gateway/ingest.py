@@ -1,6 +1,6 @@
 """Redis ingestion: the critical stream through this instance's consumer group, and pub/sub.
 
-Both readers validate every event the same way (``gateway.events``), hand valid ones to the
+Both readers validate every event the same way (``gateway.core.events``), hand valid ones to the
 broadcast workers and survive any Redis outage: they retry forever with exponential backoff
 behind a circuit breaker, and report Redis health to the gateway (D15, D17).
 
@@ -30,9 +30,9 @@ from coredis.exceptions import (
 )
 from coredis.response.types import StreamPendingExt
 
-from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.broadcast import Job
-from gateway.events import InvalidEvent, parse_event
+from gateway.core.breaker import BreakerState, CircuitBreaker
+from gateway.core.events import InvalidEvent, parse_event
 from gateway.logs import RateLimitedLog
 from gateway.redis_ops import DLQ_MAXLEN, xadd_capped
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from gateway.model import Principal
+from gateway.core.model import Principal
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

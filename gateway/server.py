@@ -24,8 +24,9 @@ from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from gateway import closecodes
-from gateway.auth import (
+from gateway.connection import Connection
+from gateway.core import closecodes
+from gateway.core.auth import (
     AuthError,
     diner_principal,
     is_revoked,
@@ -35,12 +36,11 @@ from gateway.auth import (
     verify_staff_token,
     verify_table_token,
 )
-from gateway.clientip import client_ip
-from gateway.closecodes import Close
-from gateway.connection import Connection
+from gateway.core.clientip import client_ip
+from gateway.core.closecodes import Close
+from gateway.core.model import ENDPOINTS, Endpoint, Principal
 from gateway.http import Response, handle_http, text_response
 from gateway.logs import redact_target
-from gateway.model import ENDPOINTS, Endpoint, Principal
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from gateway.clientip import parse_networks
+from gateway.core.clientip import parse_networks
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"

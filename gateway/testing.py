@@ -28,12 +28,12 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from gateway.app import Gateway, run_gateway
-from gateway.events import encode_envelope, envelope
+from gateway.core.events import encode_envelope, envelope
+from gateway.core.tokens import mint_staff_token, mint_table_token
 from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess
 from gateway.settings import Settings
-from gateway.tokens import mint_staff_token, mint_table_token
 
 DEFAULT_ORIGIN = "http://localhost:5173"
 

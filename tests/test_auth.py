@@ -1,4 +1,4 @@
-"""Unit tests of gateway.auth and gateway.tokens (no I/O)."""
+"""Unit tests of gateway.core.auth and gateway.core.tokens (no I/O)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.auth import (
+from gateway.core.auth import (
     DEFAULT_ORIGINS,
     ENDPOINT_ROLES,
     AuthError,
@@ -29,14 +29,14 @@ from gateway.auth import (
     verify_staff_token,
     verify_table_token,
 )
-from gateway.closecodes import (
+from gateway.core.closecodes import (
     ACCESS_DENIED,
     AUTH_FAILED,
     SESSION_MISMATCH,
     TABLE_TOKEN_EXPIRED,
 )
-from gateway.model import Endpoint, Principal
-from gateway.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
+from gateway.core.model import Endpoint, Principal
+from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 
 SECRET = "unit-test-staff-secret-of-sufficient-length"
 TABLE_SECRET = "unit-test-table-secret-of-sufficient-length"

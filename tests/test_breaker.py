@@ -7,7 +7,7 @@ import random
 import attrs
 import pytest
 
-from gateway.breaker import Backoff, BreakerState, CircuitBreaker
+from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import trio
 
+from gateway.core.routing import DINER_CATCHUP_TYPES
+from gateway.core.tokens import mint_legacy_table_token, mint_staff_token
 from gateway.ingest import make_client
-from gateway.routing import DINER_CATCHUP_TYPES
 from gateway.testing import GatewayHandle, Publisher, WSClient
-from gateway.tokens import mint_legacy_table_token, mint_staff_token
 
 SENTINEL = "PRODUCT_AVAILABILITY_CHANGED"
 

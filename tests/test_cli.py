@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.auth import verify_staff_token, verify_table_token
+from gateway.core.auth import verify_staff_token, verify_table_token
 from gateway.ingest import make_client
 from gateway.settings import (
     DEFAULT_JWT_SECRET,

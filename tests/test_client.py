@@ -15,7 +15,6 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.utilities import RemoteProtocolError
 
-from gateway import closecodes
 from gateway.client import (
     FINAL_CLOSE_CODES,
     Backoff,
@@ -31,8 +30,9 @@ from gateway.client import (
     http_get,
     session_id_from_table_token,
 )
+from gateway.core import closecodes
+from gateway.core.tokens import mint_legacy_table_token, mint_table_token
 from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
-from gateway.tokens import mint_legacy_table_token, mint_table_token
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 S = ConnectionState

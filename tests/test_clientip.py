@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.clientip import client_ip, parse_networks
+from gateway.core.clientip import client_ip, parse_networks
 from gateway.settings import Settings, SettingsError
 
 TRUSTED = parse_networks(["127.0.0.1", "10.0.0.0/8"])

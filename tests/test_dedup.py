@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.dedup import Deduper
+from gateway.core.dedup import Deduper
 
 
 def test_copy_within_the_window_is_dropped() -> None:

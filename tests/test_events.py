@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.events import (
+from gateway.core.events import (
     INTERNAL_FIELDS,
     KNOWN_FIELDS,
     MAX_UNKNOWN_FIELDS,
@@ -20,7 +20,7 @@ from gateway.events import (
     envelope,
     parse_event,
 )
-from gateway.model import Event
+from gateway.core.model import Event
 
 MAX = 65536
 TS = "2026-01-31T12:00:00.123456+00:00"

@@ -20,7 +20,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from gateway.connection import CLOSE_TIMEOUT
-from gateway.events import envelope
+from gateway.core.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient

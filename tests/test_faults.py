@@ -30,15 +30,15 @@ from coredis.response.types import StreamPending
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from gateway import routing
-from gateway.events import encode_envelope, envelope
+from gateway.core import routing
+from gateway.core.events import encode_envelope, envelope
+from gateway.core.model import Event
+from gateway.core.tokens import mint_staff_token
 from gateway.ingest import is_redis_failure, make_client
-from gateway.model import Event
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
 from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
-from gateway.tokens import mint_staff_token
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

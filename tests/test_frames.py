@@ -6,8 +6,8 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Event, Pong, TextMessage
 
-from gateway import closecodes
-from gateway.frames import PONG_TEXT, close_frame, pong_frame, text_frame
+from gateway.core import closecodes
+from gateway.core.frames import PONG_TEXT, close_frame, pong_frame, text_frame
 
 
 def client_events(data: bytes) -> list[Event]:

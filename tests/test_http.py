@@ -286,7 +286,7 @@ async def test_metrics_exposition_has_legacy_and_new_families(gateway: GatewayHa
 
 
 def _invalid_payloads() -> dict[str, bytes]:
-    from gateway.events import encode_envelope, envelope
+    from gateway.core.events import encode_envelope, envelope
 
     missing_tenant = envelope("ROUND_PENDING", 1, 2)
     del missing_tenant["tenant_id"]

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 import pytest
 
-from gateway.index import ConnectionIndex
-from gateway.model import ENDPOINTS, Endpoint, Principal
+from gateway.core.index import ConnectionIndex
+from gateway.core.model import ENDPOINTS, Endpoint, Principal
 
 
 class Conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.ratelimit import SlidingWindow
+from gateway.core.ratelimit import SlidingWindow
 
 
 def test_allows_limit_then_rejects() -> None:

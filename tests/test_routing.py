@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import routing
-from gateway.index import ConnectionIndex
-from gateway.model import ENDPOINTS, Endpoint, Event, Principal
-from gateway.routing import audience, receives
+from gateway.core import routing
+from gateway.core.index import ConnectionIndex
+from gateway.core.model import ENDPOINTS, Endpoint, Event, Principal
+from gateway.core.routing import audience, receives
 
 
 def staff(

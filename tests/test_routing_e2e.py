@@ -49,7 +49,7 @@ DINERS: dict[str, dict[str, int]] = {
 }
 ALL = frozenset(STAFF) | frozenset(DINERS)
 
-# The groups of the matrix in gateway/routing.py, for tenant 1 unless prefixed.
+# The groups of the matrix in gateway/core/routing.py, for tenant 1 unless prefixed.
 A2 = frozenset({"admin", "mgr_waiter", "mgr_kitchen"})
 A_T1 = A2 | {"b3_admin"}
 W2 = frozenset({"waiter_s3", "waiter_s4", "waiter_none"})

@@ -20,7 +20,7 @@ import pytest
 import trio
 from pg import PostgresCluster
 
-from gateway.events import envelope
+from gateway.core.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
 from gateway.testing import GatewayHandle, Publisher, WSClient

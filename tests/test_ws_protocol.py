@@ -23,6 +23,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Request
 
+from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 from gateway.redis_server import RedisConfig, RedisProcess
 from gateway.testing import (
     DEFAULT_ORIGIN,
@@ -32,7 +33,6 @@ from gateway.testing import (
     running_gateway,
     test_settings,
 )
-from gateway.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

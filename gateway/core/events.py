@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from hashlib import blake2b
 from typing import Any, NoReturn
 
-from gateway.model import Event
+from gateway.core.model import Event
 
 KNOWN_FIELDS: frozenset[str] = frozenset(
     {

@@ -20,14 +20,14 @@ import attrs
 import jwt
 from jwt.types import Options
 
-from gateway.closecodes import (
+from gateway.core.closecodes import (
     ACCESS_DENIED,
     AUTH_FAILED,
     SESSION_MISMATCH,
     TABLE_TOKEN_EXPIRED,
     Close,
 )
-from gateway.model import Endpoint, Principal
+from gateway.core.model import Endpoint, Principal
 
 ALGORITHM = "HS256"
 TABLE_TOKEN_ISSUER = "integrador:table"

@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 
-from gateway.auth import (
+from gateway.core.auth import (
     ALGORITHM,
     TABLE_TOKEN_AUDIENCE,
     TABLE_TOKEN_ISSUER,

@@ -43,8 +43,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TypeVar
 
-from gateway.index import ConnectionIndex
-from gateway.model import Event, Principal
+from gateway.core.index import ConnectionIndex
+from gateway.core.model import Event, Principal
 
 C = TypeVar("C", bound=Hashable)
 

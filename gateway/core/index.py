@@ -5,7 +5,7 @@ land in different buckets, so tenant isolation (D8) holds by construction rather
 that could be forgotten.
 
 A socket belongs to every bucket its principal qualifies for; the categories are independent
-predicates on the principal (the same ones ``gateway.routing.receives`` uses):
+predicates on the principal (the same ones ``gateway.core.routing.receives`` uses):
 
 - admin: ``is_admin``;
 - plain waiter: ``is_plain_waiter`` (on /ws/waiter, neither admin nor kitchen);
@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from gateway.model import Endpoint, Principal
+from gateway.core.model import Endpoint, Principal
 
 C = TypeVar("C", bound=Hashable)
 K = TypeVar("K", bound=Hashable)
