@@ -349,6 +349,9 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         services.start_soon(gw.catchup.writer)
         services.start_soon(heartbeat_sweeper, gw)
         services.start_soon(revalidator, gw)
+        if settings.environment == "development" and settings.default_secrets_in_use:
+            log.warning("development mode: %s at the public default; anyone can mint tokens for this gateway",
+                        " and ".join(settings.default_secrets_in_use))
         if settings.origin_bypass_active:
             log.warning("development mode: sockets without an Origin header are accepted (set PRODUCTION_CHECK=1 "
                         "or ENVIRONMENT to disable)")

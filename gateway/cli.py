@@ -74,9 +74,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(_flag(field.name), **kwargs)
 
 
-def _settings_from(args: argparse.Namespace) -> Settings:
+def _settings_from(args: argparse.Namespace, *, serving: bool = False) -> Settings:
     overrides = {f.name: getattr(args, f.name, None) for f in settings_fields() if not f.metadata["secret"]}
-    return Settings.from_env(**overrides)
+    return Settings.from_env(serving=serving, **overrides)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import run_until_signalled
     from gateway.logs import setup_logging
 
-    settings = _settings_from(args)
+    settings = _settings_from(args, serving=True)
     setup_logging(settings.log_level, settings.log_format, settings.environment)
     trio.run(run_until_signalled, settings)
     return 0

@@ -20,6 +20,9 @@ from gateway.core.clientip import parse_networks
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
+#: Shortest HS256 secret or publish token accepted outside development (RFC 7518 §3.2: a key of
+#: at least the hash size).
+MIN_SECRET_BYTES = 32
 ENVIRONMENTS = ("development", "test", "staging", "production")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -56,6 +59,10 @@ def _parse_redis_url(raw: str) -> str | None:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix://")
     return url
+
+
+def _parse_optional_port(raw: str) -> int | None:
+    return int(raw.strip()) if raw.strip() else None
 
 
 def _parse_level(raw: str) -> str:
@@ -101,7 +108,9 @@ class Settings:
     host: str = setting("0.0.0.0", "WS_GATEWAY_HOST", "Address to listen on.")
     port: int = setting(8001, "WS_GATEWAY_PORT", "TCP port for WebSocket and HTTP.", minimum=0, maximum=65535)
     environment: str = setting(
-        "development", "ENVIRONMENT", "Deployment environment; outside development the default secrets are refused.",
+        "production", "ENVIRONMENT",
+        "Deployment environment. Outside development the gateway refuses to start on default or weak "
+        "secrets and without ALLOWED_ORIGINS; development is only ever chosen explicitly.",
         choices=ENVIRONMENTS,
     )
     production_check: bool = setting(
@@ -111,14 +120,33 @@ class Settings:
     )
     allowed_origins: tuple[str, ...] = setting(
         (), "ALLOWED_ORIGINS",
-        "Comma-separated exact Origin allow-list (WebSocket and CORS). Empty: the 18 development "
-        "origins and their https:// forms.",
+        "Comma-separated exact Origin allow-list (WebSocket and CORS). Required outside development; "
+        "empty in development: the 18 development origins and their https:// forms.",
         parse=_parse_list,
     )
     trusted_proxies: tuple[str, ...] = setting(
         (), "GATEWAY_TRUSTED_PROXIES",
         "Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is believed. Empty: none.",
         parse=_parse_list,
+    )
+    admin_host: str = setting(
+        "127.0.0.1", "GATEWAY_ADMIN_HOST", "Address of the internal operations listener (see GATEWAY_ADMIN_PORT).",
+    )
+    admin_port: int | None = setting(
+        None, "GATEWAY_ADMIN_PORT",
+        "Serve /ws/metrics, /ws/health/detailed and /ws/publish only on this internal port (404 on the public "
+        "one). Unset: every route on the public port.",
+        parse=_parse_optional_port, minimum=0, maximum=65535,
+    )
+    max_pending_connections: int = setting(
+        1024, "WS_MAX_PENDING_CONNECTIONS",
+        "TCP connections not yet admitted as sockets (HTTP requests, handshakes, closes in progress) per "
+        "process; beyond it new ones get a bare 503 before any parsing.", minimum=1, maximum=1000000,
+    )
+    max_pending_per_ip: int = setting(
+        32, "WS_MAX_PENDING_PER_IP",
+        "Connections not yet admitted from one peer address (proxies in GATEWAY_TRUSTED_PROXIES are exempt: "
+        "limit them in the proxy); beyond it a bare 503.", minimum=1, maximum=1000000,
     )
     handshake_timeout: float = setting(
         5.0, "WS_HANDSHAKE_TIMEOUT", "Seconds a client has to send its request head (and upgrade).",
@@ -139,6 +167,11 @@ class Settings:
     table_token_secret: str = setting(
         DEFAULT_TABLE_TOKEN_SECRET, "TABLE_TOKEN_SECRET", "Secret of table tokens (JWT and legacy HMAC).",
         secret=True,
+    )
+    max_token_lifetime: float = setting(
+        86400.0, "GATEWAY_MAX_TOKEN_LIFETIME",
+        "Longest credential lifetime accepted (exp minus iat, or exp minus now without iat), in seconds; "
+        "longer-lived tokens are refused 4001.", minimum=60, maximum=31536000,
     )
     jwt_revalidation_interval: float = setting(
         300.0, "JWT_REVALIDATION_INTERVAL", "Seconds between revocation checks of an open staff socket.",
@@ -170,8 +203,14 @@ class Settings:
         65536, "WS_MAX_MESSAGE_SIZE", "Largest inbound text message in characters (1009 beyond); also the "
         "largest event accepted from Redis, in bytes.", minimum=16, maximum=16777216,
     )
+    max_frames_per_message: int = setting(
+        32, "WS_MAX_FRAMES_PER_MESSAGE", "Frames one inbound message may be split into (1009 beyond).",
+        minimum=1, maximum=100000,
+    )
     message_rate_limit: int = setting(
-        30, "WS_MESSAGE_RATE_LIMIT", "Inbound messages allowed per window (4029 beyond).", minimum=1, maximum=100000,
+        30, "WS_MESSAGE_RATE_LIMIT",
+        "Inbound frames (data, continuation, ping and pong alike) allowed per window (4029 beyond).",
+        minimum=1, maximum=100000,
     )
     message_rate_window: float = setting(
         1.0, "WS_MESSAGE_RATE_WINDOW", "Sliding window of the message rate limit, in seconds.",
@@ -302,11 +341,12 @@ class Settings:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, serving: bool = True, **overrides: Any) -> Settings:
         """Read every setting from ``environ`` (default ``os.environ``), then apply ``overrides``.
 
         Raises ``SettingsError`` naming the variable for any value that does not parse or is out of
-        range, and for default secrets outside development.
+        range, and, when ``serving``, for default or weak secrets and a missing origin list outside
+        development (commands that only mint tokens or publish skip those).
         """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -320,19 +360,14 @@ class Settings:
             field = getattr(attrs.fields(cls), name)
             values[name] = _convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
         settings = cls(**values)
-        settings.check()
+        settings.check(serving=serving)
         return settings
 
-    def check(self) -> None:
+    def check(self, *, serving: bool = True) -> None:
         for field in attrs.fields(type(self)):
             _check_range(field, getattr(self, field.name), field.metadata["env"])
-        if self.environment != "development":
-            if self.jwt_secret == DEFAULT_JWT_SECRET:
-                raise SettingsError(f"JWT_SECRET: the default secret is refused when ENVIRONMENT={self.environment}")
-            if self.table_token_secret == DEFAULT_TABLE_TOKEN_SECRET:
-                raise SettingsError(
-                    f"TABLE_TOKEN_SECRET: the default secret is refused when ENVIRONMENT={self.environment}"
-                )
+        if serving and self.environment != "development":
+            self._check_production()
         try:
             parse_networks(self.trusted_proxies)
         except ValueError as exc:
@@ -343,6 +378,30 @@ class Settings:
             raise SettingsError(f"GATEWAY_SECTOR_TIMEZONE: unknown time zone {self.sector_timezone!r}") from None
         if not self.instance_id or any(c.isspace() for c in self.instance_id):
             raise SettingsError("GATEWAY_INSTANCE_ID: must be a non-empty name without spaces")
+
+    def _check_production(self) -> None:
+        """Outside development a gateway never starts on a secret anyone could know or guess."""
+        env = f"ENVIRONMENT={self.environment}"
+        for name, value, default in (("JWT_SECRET", self.jwt_secret, DEFAULT_JWT_SECRET),
+                                     ("TABLE_TOKEN_SECRET", self.table_token_secret, DEFAULT_TABLE_TOKEN_SECRET)):
+            if value == default:
+                raise SettingsError(f"{name}: the default secret is refused when {env}")
+            if len(value.encode()) < MIN_SECRET_BYTES:
+                raise SettingsError(f"{name}: shorter than {MIN_SECRET_BYTES} bytes, refused when {env}")
+        if self.jwt_secret == self.table_token_secret:
+            raise SettingsError(f"TABLE_TOKEN_SECRET: must differ from JWT_SECRET when {env}")
+        if self.publish_token is not None and len(self.publish_token.encode()) < MIN_SECRET_BYTES:
+            raise SettingsError(f"GATEWAY_PUBLISH_TOKEN: shorter than {MIN_SECRET_BYTES} bytes, refused when {env}")
+        if not self.allowed_origins:
+            raise SettingsError(f"ALLOWED_ORIGINS: must be set when {env} (the built-in list is for development)")
+
+    @property
+    def default_secrets_in_use(self) -> list[str]:
+        """Names of the secrets still at their public defaults (development warns about them)."""
+        return [name for name, value, default in (("JWT_SECRET", self.jwt_secret, DEFAULT_JWT_SECRET),
+                                                  ("TABLE_TOKEN_SECRET", self.table_token_secret,
+                                                   DEFAULT_TABLE_TOKEN_SECRET))
+                if value == default]
 
     # --- derived values ------------------------------------------------------------------------
     @property

@@ -209,6 +209,8 @@ class Publisher:
 def test_settings(redis_url: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "redis_url": redis_url,
+        # Tests mint tokens with the public development secrets.
+        "environment": "development",
         "host": "127.0.0.1",
         "port": 0,
         "instance_id": f"test-{uuid.uuid4().hex[:8]}",

@@ -92,6 +92,53 @@ def test_default_table_token_secret_is_refused_in_production() -> None:
     assert "TABLE_TOKEN_SECRET" in result.stderr
 
 
+STRONG = "s" * 40
+STRONG_TABLE = "t" * 40
+PRODUCTION_OK = {"ENVIRONMENT": "production", "JWT_SECRET": STRONG, "TABLE_TOKEN_SECRET": STRONG_TABLE,
+                 "ALLOWED_ORIGINS": "https://app.example.com"}
+
+
+def test_production_is_the_default_environment() -> None:
+    assert Settings.from_env({}, serving=False).environment == "production"
+    # With nothing configured the gateway refuses to start: it would otherwise take anyone's
+    # tokens signed with the public default secret.
+    result = run("serve", "--host", "127.0.0.1", "--port", "0")
+    assert result.returncode == 2
+    assert "JWT_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"JWT_SECRET": "short-secret-of-31-bytes-xxxxxx"}, "JWT_SECRET"),
+    ({"TABLE_TOKEN_SECRET": "x" * 31}, "TABLE_TOKEN_SECRET"),
+    ({"TABLE_TOKEN_SECRET": STRONG}, "TABLE_TOKEN_SECRET"),
+    ({"GATEWAY_PUBLISH_TOKEN": "p" * 31}, "GATEWAY_PUBLISH_TOKEN"),
+    ({"ALLOWED_ORIGINS": ""}, "ALLOWED_ORIGINS"),
+    ({"ENVIRONMENT": "staging", "ALLOWED_ORIGINS": ""}, "ALLOWED_ORIGINS"),
+])
+def test_weak_settings_are_refused_outside_development(changes: dict[str, str], named: str) -> None:
+    result = run("serve", "--host", "127.0.0.1", "--port", "0", env=clean_env(**{**PRODUCTION_OK, **changes}))
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+    # The message names the variable, never its value.
+    for name, value in changes.items():
+        if value and name != "ENVIRONMENT":
+            assert value not in result.stderr
+
+
+def test_strong_settings_pass_the_production_checks() -> None:
+    settings = Settings.from_env({**PRODUCTION_OK, "GATEWAY_PUBLISH_TOKEN": "p" * 32})
+    assert settings.environment == "production"
+    assert not settings.origin_bypass_active
+    assert settings.default_secrets_in_use == []
+
+
+def test_development_is_chosen_explicitly_and_says_what_is_unsafe() -> None:
+    settings = Settings.from_env({"ENVIRONMENT": "development"})
+    assert settings.origin_bypass_active
+    assert settings.default_secrets_in_use == ["JWT_SECRET", "TABLE_TOKEN_SECRET"]
+
+
 def test_invalid_flag_value_names_the_flag() -> None:
     result = run("serve", "--port", "abc")
     assert result.returncode == 2
@@ -120,7 +167,7 @@ def test_staff_token_is_accepted_with_the_default_settings() -> None:
                  "--role", "WAITER", "--role", "KITCHEN", "--sector", "4", "--ttl", "600")
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    settings = Settings.from_env({})
+    settings = Settings.from_env({}, serving=False)
     claims = verify_staff_token(token, secret=DEFAULT_JWT_SECRET, issuer=settings.jwt_issuer,
                                 audience=settings.jwt_audience, now=time.time())
     assert claims.user_id == 7
@@ -135,7 +182,7 @@ def test_staff_token_uses_the_configured_secret() -> None:
     result = run("token", "staff", "--user", "7", "--tenant", "1", "--branch", "2",
                  env=clean_env(JWT_SECRET="another-secret-for-this-test-0123456789"))
     assert result.returncode == 0, result.stderr
-    settings = Settings.from_env({})
+    settings = Settings.from_env({}, serving=False)
     claims = verify_staff_token(result.stdout.strip(), secret="another-secret-for-this-test-0123456789",
                                 issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=time.time())
     assert claims.roles == {"WAITER"}

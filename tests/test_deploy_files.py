@@ -37,7 +37,7 @@ ALERTS = DEPLOY / "prometheus-alerts.yml"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
-DEFAULTS = Settings.from_env({})
+DEFAULTS = Settings.from_env({}, serving=False)
 SETTING_ENVS = {f.metadata["env"] for f in settings_fields()}
 #: Variables the Python base image and pip read; the only non-setting names the images may use.
 RUNTIME_ENVS = {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR"}
@@ -357,7 +357,8 @@ def test_containerfile_env_names_are_settings() -> None:
     for name in env:
         assert name in SETTING_ENVS or name in RUNTIME_ENVS, f"Containerfile sets unknown variable {name}"
     # The image's own values are valid settings (secrets come from the runtime environment).
-    settings = Settings.from_env({**env, "JWT_SECRET": "s" * 32, "TABLE_TOKEN_SECRET": "t" * 32})
+    settings = Settings.from_env({**env, "JWT_SECRET": "s" * 32, "TABLE_TOKEN_SECRET": "t" * 32,
+                                  "ALLOWED_ORIGINS": "https://app.example.com"})
     assert settings.environment == "production"
     assert not settings.origin_bypass_active
 

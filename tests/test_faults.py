@@ -273,7 +273,7 @@ async def test_gateway_killed_and_restarted_loses_no_event(
     redis = private_redis()
     await trio.to_thread.run_sync(redis.start)
     port = free_port()
-    settings = Settings.from_env({})
+    settings = Settings.from_env({}, serving=False)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "WS_GATEWAY_"))}
     env.update({
         "REDIS_URL": redis.url,

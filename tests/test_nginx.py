@@ -215,6 +215,7 @@ async def start_gateway(tmp_path: Path, name: str, redis_url: str, procs: list[t
     port = free_port()
     log = tmp_path / f"{name}.log"
     env = gateway_env(
+        ENVIRONMENT="development",
         REDIS_URL=redis_url,
         GATEWAY_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:8]}",
         GATEWAY_TRUSTED_PROXIES=trusted_proxies,
@@ -321,7 +322,7 @@ async def cluster(tmp_path: Path, redis_url: str, *, untrusted_extra: bool = Fal
 
 
 def staff_token(user: int) -> str:
-    defaults = Settings.from_env({})  # what a gateway without JWT settings uses
+    defaults = Settings.from_env({}, serving=False)  # what a gateway without JWT settings uses
     return mint_staff_token(secret=defaults.jwt_secret, issuer=defaults.jwt_issuer, audience=defaults.jwt_audience,
                             user_id=user, tenant_id=TENANT, branch_ids=[BRANCH], roles=["WAITER"])
 

@@ -46,7 +46,7 @@ def serve_env(**variables: str) -> dict[str, str]:
 
 def staff_token(user: int) -> str:
     # The development defaults, which a gateway started without configuration uses.
-    defaults = Settings.from_env({})
+    defaults = Settings.from_env({"ENVIRONMENT": "development"})
     return mint_staff_token(secret=defaults.jwt_secret, issuer=defaults.jwt_issuer, audience=defaults.jwt_audience,
                             user_id=user, tenant_id=1, branch_ids=[2], roles=["WAITER"])
 
