@@ -137,7 +137,10 @@ class CatchupStore:
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         settings = self.gw.settings
-        start_ms = min(int(max(since, time.time() - settings.catchup_window) * 1000), _MAX_ID_MS)
+        start = max(since, time.time() - settings.catchup_window) * 1000
+        if start >= _MAX_ID_MS:
+            return []  # nothing is stored after the end of time (and 1e306 * 1000 is inf)
+        start_ms = int(start)
         entries = await self.gw.redis.xrange(catchup_key(tenant_id, branch_id), f"{start_ms}-0", "+",
                                             count=settings.catchup_max_events)
         out: list[Event] = []
@@ -164,7 +167,7 @@ class CatchupStore:
         s = self.gw.settings
         try:
             claims = verify_staff_token(token, secret=s.jwt_secret, issuer=s.jwt_issuer, audience=s.jwt_audience,
-                                        now=time.time())
+                                        now=time.time(), max_lifetime=s.max_token_lifetime)
         except AuthError:
             return text_response(401, "Invalid token")
         if branch_id not in claims.branch_ids:
@@ -204,7 +207,8 @@ class CatchupStore:
         if session_id is None or since is None:
             return text_response(422, "session_id must be an integer and since a number")
         try:
-            claims = verify_table_token(token, secret=self.gw.settings.table_token_secret, now=time.time())
+            claims = verify_table_token(token, secret=self.gw.settings.table_token_secret, now=time.time(),
+                                        max_lifetime=self.gw.settings.max_token_lifetime)
         except AuthError:
             return text_response(401, "Invalid table token")
         if claims.session_id != session_id:

@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 _TOKEN_RE = re.compile(r"((?:table_)?token=)[^&\s\"']+", re.IGNORECASE)
 _BEARER_RE = re.compile(r"(Bearer\s+)[^\s\"']+", re.IGNORECASE)
@@ -24,9 +25,24 @@ def redact(text: str) -> str:
     return _BEARER_RE.sub(r"\1***", _TOKEN_RE.sub(r"\1***", text))
 
 
+#: Query parameters whose values are shown in logs; every other value, and any name not listed
+#: here, is replaced by ``***``. Names are compared after decoding (``tok%65n`` is ``token``),
+#: and an unknown name may itself be a credential (``?eyJhbGci...``).
+_SHOWN_VALUES = frozenset({"branch_id", "session_id", "since"})
+_SHOWN_NAMES = _SHOWN_VALUES | {"token", "table_token"}
+
+
 def redact_target(target: str) -> str:
-    """A request target with token query values replaced by ``***``."""
-    return redact(target)
+    """A request target as it may be logged: the path, and the decoded query with credentials masked."""
+    path, _, query = target.partition("?")
+    if not query:
+        return path
+    shown = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        shown_name = name if name in _SHOWN_NAMES else "***"
+        shown_value = quote(value, safe="") if name in _SHOWN_VALUES else "***"
+        shown.append(f"{shown_name}={shown_value}")
+    return f"{path}?{'&'.join(shown)}" if shown else path
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import base64
 import hashlib
 import hmac
@@ -729,7 +730,8 @@ def test_legacy_token_ids_must_be_positive(fields: str) -> None:
 
 
 def test_legacy_token_with_leading_zeros_verifies_as_signed() -> None:
-    claims = verify_table_token(legacy_token("07:3:11:99:1800000000"), secret=TABLE_SECRET, now=NOW)
+    claims = verify_table_token(legacy_token("07:3:11:99:1800000000"), secret=TABLE_SECRET, now=NOW,
+                               max_lifetime=math.inf)
     assert claims.tenant_id == 7
 
 
@@ -1046,3 +1048,55 @@ def test_short_default_secret_does_not_warn(recwarn: pytest.WarningsRecorder) ->
     token = mint_table_token(secret=short, tenant_id=1, branch_id=1, table_id=1, session_id=1, now=NOW)
     verify_table_token(token, secret=short, now=NOW)
     assert not recwarn.list
+
+
+# --- time claims and pathological headers (hardening) ---------------------------------------------
+
+
+def test_iat_in_the_future_is_refused() -> None:
+    # A token "issued" later than a revocation would slip past auth:user:revoked:{sub}.
+    error = refused_staff(raw_token(staff_claims(iat=int(NOW) + 3600, exp=int(NOW) + 4000)))
+    assert error.reason == "issued_in_future"
+
+
+def test_iat_within_the_clock_skew_is_accepted() -> None:
+    assert verify_staff(raw_token(staff_claims(iat=int(NOW) + 30))).user_id == 42
+
+
+def test_lifetime_over_the_maximum_is_refused() -> None:
+    token = raw_token(staff_claims(iat=int(NOW) - 10, exp=int(NOW) + 7 * 86400))
+    error = refused_staff(token)
+    assert error.reason == "lifetime_too_long"
+    # A deployment that allows longer credentials says so.
+    claims = verify_staff_token(token, secret=SECRET, issuer=ISSUER, audience=AUDIENCE, now=NOW,
+                                max_lifetime=8 * 86400)
+    assert claims.user_id == 42
+
+
+def test_lifetime_without_iat_counts_from_now() -> None:
+    error = refused_staff(raw_token(staff_claims(iat=None, exp=int(NOW) + 2 * 86400)))
+    assert error.reason == "lifetime_too_long"
+    assert verify_staff(raw_token(staff_claims(iat=None, exp=int(NOW) + 3600))).user_id == 42
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_table_token_lifetime_is_bounded(legacy: bool) -> None:
+    token = table_token(legacy=legacy)  # valid for 3 h
+    with pytest.raises(AuthError) as info:
+        verify_table_token(token, secret=TABLE_SECRET, now=NOW, max_lifetime=3600)
+    assert info.value.reason == "lifetime_too_long"
+    assert_clean(info.value, token)
+
+
+@pytest.mark.parametrize("header", [
+    '{"alg":"HS256","x":' + "[" * 5000 + "]" * 5000 + "}",
+    '{"alg":"HS256","x":' + "{\"a\":" * 3000 + "1" + "}" * 3000 + "}",
+    '[' * 2000,
+    '"HS256"',
+    '{"alg":["HS256"]}',
+    '{"alg":"HS256","kid":' + "9" * 5000 + "}",
+])
+def test_pathological_headers_are_malformed_tokens(header: str) -> None:
+    token = raw_token(staff_claims(), header=header)
+    error = refused_staff(token)
+    assert error.reason in {"malformed", "bad_algorithm"}

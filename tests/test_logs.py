@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from gateway.logs import JsonFormatter, RateLimitedLog, TextFormatter, redact
+from gateway.logs import JsonFormatter, RateLimitedLog, TextFormatter, redact, redact_target
 from gateway.testing import GatewayHandle
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI3In0.c2lnbmF0dXJl"
@@ -68,3 +68,29 @@ async def test_a_rejected_socket_logs_its_context_but_not_its_token(
     assert record.tenant == 1 and record.user == 7  # type: ignore[attr-defined]
     for r in caplog.records:
         assert token not in JsonFormatter().format(r)
+
+
+@pytest.mark.parametrize("target", [
+    "/ws/waiter?token=SECRETVALUE",
+    "/ws/waiter?tok%65n=SECRETVALUE",
+    "/ws/waiter?%74oken=SECRETVALUE",
+    "/ws/waiter?t%6Fken=SECRETVALUE",
+    "/ws/diner?table_tok%65n=SECRETVALUE",
+    "/ws/diner?TABLE_TOKEN=SECRETVALUE",
+    "/ws/waiter?SECRETVALUE",
+    "/ws/waiter?x=1&token=SECRETVALUE&token=SECRETVALUE",
+    "/ws/catchup?branch_id=2&since=1.5&token=SECRET%56ALUE",
+    "/ws/waiter?token%3DSECRETVALUE",
+    "/ws/waiter?;token=SECRETVALUE",
+])
+def test_redact_target_hides_every_spelling_of_a_credential(target: str) -> None:
+    shown = redact_target(target)
+    assert "SECRET" not in shown
+    assert shown.startswith(target.partition("?")[0])
+
+
+def test_redact_target_keeps_what_helps_and_nothing_else() -> None:
+    assert redact_target("/ws/catchup?branch_id=2&since=1.5&token=abc") == "/ws/catchup?branch_id=2&since=1.5&token=***"
+    assert redact_target("/ws/diner?table_token=abc") == "/ws/diner?table_token=***"
+    assert redact_target("/ws/waiter") == "/ws/waiter"
+    assert redact_target("/ws/waiter?") == "/ws/waiter"

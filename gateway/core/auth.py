@@ -54,6 +54,11 @@ _MAX_ID = 2**63 - 1
 _MAX_ID_DIGITS = len(str(_MAX_ID))
 _LEGACY_SIGNATURE_CHARS = 32
 
+#: How far ahead of this clock a token's ``iat`` may lie (clock skew between backend and gateway).
+IAT_SKEW = 60.0
+#: Longest credential lifetime accepted unless the caller says otherwise (GATEWAY_MAX_TOKEN_LIFETIME).
+DEFAULT_MAX_LIFETIME = 86400.0
+
 BLACKLIST_KEY_PREFIX = "auth:token:blacklist:"
 USER_REVOKED_KEY_PREFIX = "auth:user:revoked:"
 
@@ -101,6 +106,8 @@ class TableClaims:
     table_id: int
     session_id: int
     expires_at: float
+    # Only for the lifetime check; two tokens for the same table are the same claims.
+    issued_at: float | None = attrs.field(default=None, eq=False)
 
 
 def _fail(reason: str) -> AuthError:
@@ -159,6 +166,20 @@ def _decode_jwt(token: str, *, secret: str, issuer: str, audience: str) -> dict[
             )
     except jwt.PyJWTError as exc:
         raise _fail(_pyjwt_reason(exc)) from None
+    except (ValueError, TypeError, RecursionError, UnicodeError, OverflowError):
+        # Some PyJWT releases let a pathological header (deep nesting, odd types) escape as a
+        # plain Python error before any check: it is still only a malformed token.
+        raise _fail("malformed") from None
+
+
+def _check_lifetime(issued_at: float | None, expires_at: float, now: float, max_lifetime: float) -> None:
+    """A token issued in the future would dodge ``auth:user:revoked:{sub}`` (whose value is a
+    time); one valid for longer than the deployment allows is refused whatever signed it."""
+    if issued_at is not None and issued_at > now + IAT_SKEW:
+        raise _fail("issued_in_future")
+    start = now if issued_at is None else min(issued_at, now)
+    if expires_at - start > max_lifetime:
+        raise _fail("lifetime_too_long")
 
 
 # --- claim values ------------------------------------------------------------------------------
@@ -237,19 +258,21 @@ def _decimal(text: str) -> int | None:
 
 
 def verify_staff_token(
-    token: str, *, secret: str, issuer: str, audience: str, now: float
+    token: str, *, secret: str, issuer: str, audience: str, now: float, max_lifetime: float = DEFAULT_MAX_LIFETIME
 ) -> StaffClaims:
     """Verify a staff access JWT (§2.1, D1, D3); raises :class:`AuthError` with AUTH_FAILED."""
     claims = _decode_jwt(token, secret=secret, issuer=issuer, audience=audience)
     expires_at = _expires_at(claims, now)
     _check_staff_type(claims.get("type"))
+    issued_at = _issued_at(claims.get("iat"))
+    _check_lifetime(issued_at, expires_at, now, max_lifetime)
     return StaffClaims(
         user_id=_subject(claims.get("sub")),
         tenant_id=_required_id(claims, "tenant_id"),
         branch_ids=_branch_ids(claims.get("branch_ids")),
         roles=_roles(claims.get("roles")),
         jti=_jti(claims.get("jti")),
-        issued_at=_issued_at(claims.get("iat")),
+        issued_at=issued_at,
         expires_at=expires_at,
         sector_ids=None if claims.get("sector_ids") is None else _id_set(claims["sector_ids"]),
     )
@@ -313,11 +336,16 @@ def legacy_table_signature(secret: str, payload: str) -> str:
     return digest.hexdigest()[:_LEGACY_SIGNATURE_CHARS]
 
 
-def verify_table_token(token: str, *, secret: str, now: float) -> TableClaims:
+def verify_table_token(
+    token: str, *, secret: str, now: float, max_lifetime: float = DEFAULT_MAX_LIFETIME
+) -> TableClaims:
     """Verify a diner's table token, JWT or legacy HMAC (§2.3); raises AUTH_FAILED errors."""
     if token.count(".") == 2:
-        return _verify_table_jwt(token, secret=secret, now=now)
-    return _verify_legacy_table_token(token, secret=secret, now=now)
+        claims = _verify_table_jwt(token, secret=secret, now=now)
+    else:
+        claims = _verify_legacy_table_token(token, secret=secret, now=now)
+    _check_lifetime(claims.issued_at, claims.expires_at, now, max_lifetime)
+    return claims
 
 
 def _verify_table_jwt(token: str, *, secret: str, now: float) -> TableClaims:
@@ -325,6 +353,7 @@ def _verify_table_jwt(token: str, *, secret: str, now: float) -> TableClaims:
         token, secret=secret, issuer=TABLE_TOKEN_ISSUER, audience=TABLE_TOKEN_AUDIENCE
     )
     expires_at = _expires_at(claims, now)
+    issued_at = _issued_at(claims.get("iat"))
     token_type = claims.get("type")
     if token_type is None:
         raise _fail("missing_claim")
@@ -336,6 +365,7 @@ def _verify_table_jwt(token: str, *, secret: str, now: float) -> TableClaims:
         table_id=_required_id(claims, "table_id"),
         session_id=_required_id(claims, "session_id"),
         expires_at=expires_at,
+        issued_at=issued_at,
     )
 
 
@@ -429,7 +459,8 @@ def recheck_table_principal(principal: Principal, token: str, *, secret: str, no
     if not principal.is_diner:
         raise ValueError("not a diner principal")
     try:
-        claims = verify_table_token(token, secret=secret, now=now)
+        # The lifetime was judged at connect; here only validity and where it points matter.
+        claims = verify_table_token(token, secret=secret, now=now, max_lifetime=math.inf)
     except AuthError as exc:
         raise AuthError(TABLE_TOKEN_EXPIRED, exc.reason) from None
     # Any change of where the token points is a different table session for the socket.

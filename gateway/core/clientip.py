@@ -45,4 +45,6 @@ def client_ip(peer: str, forwarded_for: bytes | None, trusted: tuple[Network, ..
             return peer  # a malformed header from a trusted proxy: fall back to what we know
         if not _trusted(hop, trusted):
             return hop
-    return hops[0] if hops else peer
+    # Every hop is a proxy of ours, or there is none: the left-most one is whatever the client
+    # wrote, so it proves nothing. The peer is the last address we know.
+    return peer
