@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import base64
 import hashlib
 import hmac
 import json
+import math
 from typing import Any
 
 import jwt
