@@ -29,6 +29,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from gateway.core import closecodes, frames
 from gateway.core.closecodes import Close
+from gateway.core.outbox import Outbox
 from gateway.core.ratelimit import SlidingWindow
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.connection")
 
 _RECV_SIZE = 65536
-_IOV_MAX = 512
 #: How long the closing handshake may take once our close frame is queued.
 CLOSE_TIMEOUT = 5.0
 _JSON_PING = '{"type":"ping"}'
@@ -56,12 +56,12 @@ class Connection:
     """An accepted socket. ``deliver`` and ``begin_close`` are safe to call from any task."""
 
     __slots__ = (
+        "_frames_in_message",
         "_limiter",
         "_lot",
+        "_max_frames",
         "_max_message",
-        "_max_queue",
-        "_text_len",
-        "_text_parts",
+        "_text",
         "_unparseable",
         "_writer_done",
         "client",
@@ -70,13 +70,11 @@ class Connection:
         "direct",
         "endpoint",
         "fd",
-        "head_sent",
         "id",
         "last_seen",
         "metrics",
         "next_check",
-        "out",
-        "out_bytes",
+        "outbox",
         "peer_closed",
         "principal",
         "refresh_sectors",
@@ -96,6 +94,7 @@ class Connection:
         metrics: Metrics,
         max_queue_bytes: int,
         max_message: int,
+        max_frames: int,
         rate_limit: int,
         rate_window: float,
         direct_write: bool,
@@ -110,12 +109,9 @@ class Connection:
         self.metrics = metrics
         self.principal: Principal | None = None
         self.token = ""
-        # A list, not a deque: an empty deque preallocates a block, and most sockets are idle.
-        self.out: list[bytes] = []
-        self.head_sent = 0
-        self.out_bytes = 0
-        self._max_queue = max_queue_bytes
+        self.outbox = Outbox(max_queue_bytes)
         self._max_message = max_message
+        self._max_frames = max_frames
         self._writer_done = trio.Event()
         self._lot = trio.lowlevel.ParkingLot()
         self.direct = direct_write
@@ -127,8 +123,9 @@ class Connection:
         self.last_seen = trio.current_time()
         self.next_check = float("inf")
         self._limiter = SlidingWindow(rate_limit, rate_window)
-        self._text_parts: list[str] = []
-        self._text_len = 0
+        # Fragments of the message being received, gathered in one buffer.
+        self._text = ""
+        self._frames_in_message = 0
         self._unparseable = False
         self.refresh_sectors: RefreshSectors | None = None
 
@@ -143,6 +140,11 @@ class Connection:
             ctx.update(tenant=p.tenant_id, branches=sorted(p.branch_ids), user=p.user_id)
         return ctx
 
+    @property
+    def out_bytes(self) -> int:
+        """Bytes queued for this socket that the kernel has not taken yet."""
+        return self.outbox.queued_bytes
+
     # --- write path ---------------------------------------------------------------------------
     def deliver(self, frame: bytes) -> int:
         """Hand one encoded frame to this socket. Never blocks, never checkpoints.
@@ -152,7 +154,8 @@ class Connection:
         """
         if self.closing:
             return DROPPED
-        if self.direct and not self.out:
+        written = 0
+        if self.direct and not self.outbox:
             try:
                 written = os.write(self.fd, frame)
             except BlockingIOError:
@@ -162,17 +165,8 @@ class Connection:
                 return DROPPED
             if written == len(frame):
                 return WRITTEN
-            self.head_sent = written
-            self.out.append(frame)
-            self.out_bytes += len(frame) - written
-            self._wake_writer()
-            return QUEUED
-        self.out.append(frame)
-        self.out_bytes += len(frame)
-        if self.out_bytes > self._max_queue:
-            self.metrics.slow_consumer_closes.inc()
-            log.warning("slow consumer: closing", extra=self.log_context())
-            self.begin_close(closecodes.SLOW_CONSUMER, discard_pending=True)
+        if not self.outbox.push(frame, written):
+            self._over_budget()
             return DROPPED
         self._wake_writer()
         return QUEUED
@@ -183,12 +177,30 @@ class Connection:
             self._lot.unpark_all()
 
     def send_control(self, frame: bytes) -> None:
-        """Queue a frame of ours (pong, replies) behind whatever is pending."""
+        """Queue a reply of ours (``{"type":"pong"}``, sector replies) behind whatever is pending.
+
+        Replies count in the same budget as events: a client that asks and never reads is a
+        slow consumer like any other.
+        """
         if self.closing:
             return
-        self.out.append(frame)
-        self.out_bytes += len(frame)
-        self._lot.unpark_all()
+        if not self.outbox.push(frame):
+            self._over_budget()
+            return
+        self._wake_writer()
+
+    def _send_pong(self, payload: bytes) -> None:
+        if self.closing:
+            return
+        if not self.outbox.push_pong(frames.pong_frame(payload)):
+            self._over_budget()
+            return
+        self._wake_writer()
+
+    def _over_budget(self) -> None:
+        self.metrics.slow_consumer_closes.inc()
+        log.warning("slow consumer: closing", extra=self.log_context())
+        self.begin_close(closecodes.SLOW_CONSUMER, discard_pending=True)
 
     def begin_close(self, close: Close, *, discard_pending: bool = False) -> None:
         """Queue our close frame and stop the read loop; the connection task finishes the close."""
@@ -198,18 +210,9 @@ class Connection:
         self.close_code = close
         self.metrics.closes.labels(close_label(close.code)).inc()
         if discard_pending:
-            keep_head = self.head_sent > 0
-            head = self.out[0] if keep_head else b""
-            self.out.clear()
-            self.out_bytes = 0
-            if keep_head:
-                self.out.append(head)
-                self.out_bytes = len(head) - self.head_sent
-            else:
-                self.head_sent = 0
-        frame = frames.close_frame(close.code, close.reason)
-        self.out.append(frame)
-        self.out_bytes += len(frame)
+            self.outbox.discard()
+        # The close frame goes out even past the budget: it is small and ends the socket.
+        self.outbox.push(frames.close_frame(close.code, close.reason))
         self._lot.unpark_all()
         self.scope.cancel()
 
@@ -218,42 +221,31 @@ class Connection:
         if not self.closing:
             self.closing = True
             self.metrics.closes.labels("1006").inc()
-        self.out.clear()
-        self.out_bytes = 0
+        self.outbox.clear()
         self._lot.unpark_all()
         self.scope.cancel()
 
     def _flush_some(self) -> None:
-        out = self.out
-        iov: list[bytes | memoryview] = [memoryview(out[0])[self.head_sent :]]
-        iov.extend(out[1:_IOV_MAX])
         try:
-            written = os.writev(self.fd, iov)
+            written = os.writev(self.fd, self.outbox.pending())
         except BlockingIOError:
             return
         except OSError:
             self._transport_failed()
             return
-        self.out_bytes -= written
-        written += self.head_sent
-        done = 0
-        while done < len(out) and written >= len(out[done]):
-            written -= len(out[done])
-            done += 1
-        del out[:done]
-        self.head_sent = written
+        self.outbox.consumed(written)
 
     async def writer(self) -> None:
         """Flush the queue whenever it is non-empty; return once the close frame is out."""
         try:
             while True:
-                if not self.out:
+                if not self.outbox:
                     if self.closing or self.transport_dead:
                         return
                     await self._lot.park()
                     continue
                 self._flush_some()
-                if self.out and not self.transport_dead:
+                if self.outbox and not self.transport_dead:
                     await trio.lowlevel.wait_writable(self.stream.socket)
         finally:
             self._writer_done.set()
@@ -271,31 +263,57 @@ class Connection:
                 return
             self.ws.receive_data(data)
             for event in self.ws.events():
-                await self._handle(event)
+                try:
+                    await self._handle(event)
+                except (ValueError, RecursionError, OverflowError, UnicodeError, TypeError) as exc:
+                    # Input we could not make sense of: a clean close, never a traceback.
+                    self.metrics.frames_rejected.labels("invalid").inc()
+                    log.info("unprocessable message: closing", extra={**self.log_context(),
+                                                                       "error": type(exc).__name__})
+                    self.begin_close(closecodes.INVALID_MESSAGE)
                 if self.closing:
                     return
 
+    def _count_frame(self) -> bool:
+        """Every frame counts in the inbound limit (D6): data, continuation and control alike."""
+        now = trio.current_time()
+        if self._limiter.allow(now):
+            self.last_seen = now
+            return True
+        self.metrics.frames_rejected.labels("rate_limited").inc()
+        log.info("rate limit exceeded: closing", extra=self.log_context())
+        self.begin_close(closecodes.RATE_LIMITED)
+        return False
+
     async def _handle(self, event: object) -> None:
         if isinstance(event, TextMessage):
-            self._text_parts.append(event.data)
-            self._text_len += len(event.data)
-            if self._text_len > self._max_message:
+            if event.frame_finished:
+                if not self._count_frame():
+                    return
+                self._frames_in_message += 1
+                if self._frames_in_message > self._max_frames:
+                    self.metrics.frames_rejected.labels("too_many_fragments").inc()
+                    self.begin_close(closecodes.TOO_MANY_FRAGMENTS)
+                    return
+            if event.data:
+                self._text += event.data
+            if len(self._text) > self._max_message:
                 self.metrics.frames_rejected.labels("too_large").inc()
                 self.begin_close(closecodes.MESSAGE_TOO_LARGE)
                 return
             if event.message_finished:
-                text = "".join(self._text_parts) if len(self._text_parts) > 1 else self._text_parts[0]
-                self._text_parts.clear()
-                self._text_len = 0
+                text = self._text
+                self._text = ""
+                self._frames_in_message = 0
                 await self._on_text(text)
         elif isinstance(event, BytesMessage):
             self.metrics.frames_rejected.labels("binary").inc()
             self.begin_close(closecodes.BINARY_NOT_SUPPORTED)
         elif isinstance(event, Ping):
-            self.last_seen = trio.current_time()
-            self.send_control(frames.pong_frame(bytes(event.payload)))
+            if self._count_frame():
+                self._send_pong(bytes(event.payload))
         elif isinstance(event, Pong):
-            self.last_seen = trio.current_time()
+            self._count_frame()
         elif isinstance(event, CloseConnection):
             self._on_close_event(event)
 
@@ -319,13 +337,6 @@ class Connection:
         self.begin_close(close)
 
     async def _on_text(self, text: str) -> None:
-        now = trio.current_time()
-        if not self._limiter.allow(now):
-            self.metrics.frames_rejected.labels("rate_limited").inc()
-            log.info("rate limit exceeded: closing", extra=self.log_context())
-            self.begin_close(closecodes.RATE_LIMITED)
-            return
-        self.last_seen = now
         if text == "ping" or text == _JSON_PING or _is_json_ping(text):
             self.metrics.inbound_messages.labels("ping").inc()
             self.send_control(frames.PONG_TEXT)
@@ -373,6 +384,7 @@ def _is_json_ping(text: str) -> bool:
         return False
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # Deep nesting inside 1 KiB is RecursionError, not ValueError.
         return False
     return isinstance(value, dict) and value.get("type") == "ping"

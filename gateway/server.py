@@ -264,6 +264,7 @@ async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgra
         metrics=gw.metrics,
         max_queue_bytes=settings.send_queue_max_bytes,
         max_message=settings.max_message_size,
+        max_frames=settings.max_frames_per_message,
         rate_limit=settings.message_rate_limit,
         rate_window=settings.message_rate_window,
         direct_write=settings.direct_write,
@@ -318,11 +319,13 @@ async def admit(gw: Gateway, conn: Connection, target: str, origin: str | None) 
     try:
         principal: Principal
         if endpoint == "diner":
-            table = verify_table_token(token, secret=settings.table_token_secret, now=now)
+            table = verify_table_token(token, secret=settings.table_token_secret, now=now,
+                                       max_lifetime=settings.max_token_lifetime)
             principal = diner_principal(table)
         else:
             claims = verify_staff_token(
-                token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now
+                token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now,
+                max_lifetime=settings.max_token_lifetime,
             )
             try:
                 principal = staff_principal(endpoint, claims)
