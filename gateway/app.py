@@ -44,6 +44,7 @@ from gateway.core.clientip import Network, parse_networks
 from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
 from gateway.core.model import Principal
+from gateway.core.pending import PendingConnections
 from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
 from gateway.metrics import Metrics
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
@@ -87,10 +88,14 @@ class Gateway:
     sectors: SectorSource = attrs.field(init=False)
     stream_consumer: StreamConsumer = attrs.field(init=False)
     jobs: trio.MemorySendChannel[Job] = attrs.field(init=False)
+    pending: PendingConnections = attrs.field(init=False)
+    admin_port: int | None = None
 
     def __attrs_post_init__(self) -> None:
         self.origins = allowed_origins(self.settings.allowed_origins)
         self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
+        self.pending = PendingConnections(self.settings.max_pending_connections, self.settings.max_pending_per_ip,
+                                          exempt=self.trusted_proxies)
         self.breakers = {name: self._breaker(name) for name in BREAKER_NAMES}
         self.catchup = CatchupStore(self)
         self.broadcaster = Broadcaster(
@@ -328,11 +333,22 @@ async def revalidator(gw: Gateway) -> None:
 
 async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
                   task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    settings = gw.settings
     with scope:
-        listeners = await trio.open_tcp_listeners(gw.settings.port, host=gw.settings.host or None)
+        listeners = await trio.open_tcp_listeners(settings.port, host=settings.host or None)
         port = listeners[0].socket.getsockname()[1]
+        admin: list[trio.SocketListener] = []
+        if settings.admin_port is not None:
+            # Metrics, detailed health and publish on an internal address only (never proxied).
+            admin = await trio.open_tcp_listeners(settings.admin_port, host=settings.admin_host or None)
+            gw.admin_port = admin[0].socket.getsockname()[1]
         task_status.started(port)
-        await trio.serve_listeners(functools.partial(handle_tcp, gw), listeners, handler_nursery=conns)
+        async with trio.open_nursery() as both:
+            both.start_soon(functools.partial(trio.serve_listeners, functools.partial(handle_tcp, gw), listeners,
+                                              handler_nursery=conns))
+            if admin:
+                both.start_soon(functools.partial(trio.serve_listeners, functools.partial(handle_tcp, gw, admin=True),
+                                                  admin, handler_nursery=conns))
 
 
 async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
@@ -358,7 +374,8 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         async with trio.open_nursery() as conns:
             listen_scope = trio.CancelScope()
             gw.port = await services.start(_listen, gw, conns, listen_scope)
-            log.info("listening", extra={"host": settings.host, "port": gw.port, "instance": settings.instance_id})
+            log.info("listening", extra={"host": settings.host, "port": gw.port, "admin_port": gw.admin_port,
+                                         "instance": settings.instance_id})
             # Report ready once Redis ingestion is in place, but never wait long: a gateway whose
             # Redis is down starts degraded and catches up when Redis appears (D17).
             with trio.move_on_after(READY_TIMEOUT):

@@ -163,12 +163,26 @@ def _cors_headers(gw: Gateway, origin: bytes | None) -> tuple[tuple[bytes, bytes
     )
 
 
-async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str, body: bytes) -> Response:
+#: Operations routes: only on the internal listener when GATEWAY_ADMIN_PORT is set.
+ADMIN_ROUTES = frozenset({"/ws/metrics", "/ws/health/detailed", "/ws/publish"})
+
+
+def _route(gw: Gateway, path: str, admin: bool) -> dict[str, Handler] | None:
+    if gw.settings.admin_port is not None:
+        if admin and path not in ADMIN_ROUTES and path != "/ws/health":
+            return None
+        if not admin and path in ADMIN_ROUTES:
+            return None
+    return ROUTES.get(path)
+
+
+async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str, body: bytes, *,
+                      admin: bool = False) -> Response:
     headers = {k: v for k, v in request.headers}
     method = request.method.decode("ascii", "replace")
     origin = headers.get(b"origin")
     cors = _cors_headers(gw, origin)
-    route = ROUTES.get(path)
+    route = _route(gw, path, admin)
     if method == "OPTIONS" and b"access-control-request-method" in headers:
         if not cors:
             response = text_response(400, "Disallowed CORS origin")
@@ -201,6 +215,10 @@ async def handle_http(gw: Gateway, request: h11.Request, path: str, target: str,
                 response = await handler(gw, req)
             except trio.Cancelled:
                 raise
+            except (ValueError, OverflowError, RecursionError, UnicodeError) as exc:
+                # Input no handler check anticipated: still the client's, so a 400 and one line.
+                log.info("unprocessable HTTP request", extra={"route": path, "error": type(exc).__name__})
+                response = text_response(400, "Bad request")
             except Exception:
                 log.exception("HTTP handler failed", extra={"route": path})
                 response = text_response(500, "Internal Server Error")

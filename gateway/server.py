@@ -40,7 +40,7 @@ from gateway.core.clientip import client_ip
 from gateway.core.closecodes import Close
 from gateway.core.model import ENDPOINTS, Endpoint, Principal
 from gateway.http import Response, handle_http, text_response
-from gateway.logs import redact_target
+from gateway.logs import RateLimitedLog, redact_target
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -124,32 +124,78 @@ class Upgrade:
     trailing: bytes
 
 
-async def handle_tcp(gw: Gateway, stream: trio.SocketStream) -> None:
+#: The answer to a connection over the pending bound: fixed bytes, no parser state allocated.
+_PENDING_BODY = b'{"detail":"Too many pending connections"}'
+_PENDING_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
+    + str(len(_PENDING_BODY)).encode() + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + _PENDING_BODY
+)
+_pending_log = RateLimitedLog(log, interval=60.0)
+
+
+class _PendingSlot:
+    """This connection's place in the pending bound, given back once admitted or gone."""
+
+    __slots__ = ("_gw", "_peer")
+
+    def __init__(self, gw: Gateway, peer: str) -> None:
+        self._gw: Gateway | None = gw
+        self._peer = peer
+
+    def release(self) -> None:
+        if self._gw is not None:
+            self._gw.pending.leave(self._peer)
+            self._gw = None
+
+
+async def handle_tcp(gw: Gateway, stream: trio.SocketStream, *, admin: bool = False) -> None:
     """One TCP connection: HTTP requests with keep-alive, or one WebSocket.
 
     Nothing raised while serving one connection may reach the connections nursery (it would stop
     the gateway): unexpected errors are logged and that connection alone drops.
     """
+    peer = _peer_address(stream)
+    refused = gw.pending.enter(peer)
+    if refused is not None:
+        await _refuse_pending(gw, stream, peer, refused)
+        return
+    slot = _PendingSlot(gw, peer)
     try:
-        upgrade = await _serve_http(gw, stream)
+        upgrade = await _serve_http(gw, stream, peer, admin=admin)
         if upgrade is not None:
-            await serve_websocket(gw, stream, upgrade)
+            await serve_websocket(gw, stream, upgrade, slot)
     except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:
         gw.metrics.http_requests.labels("-", "500").inc()
         log.exception("connection handler failed; dropping that connection")
     finally:
+        slot.release()
         with trio.CancelScope(shield=True):
             await stream.aclose()
 
 
-async def _serve_http(gw: Gateway, stream: trio.SocketStream) -> Upgrade | None:
+async def _refuse_pending(gw: Gateway, stream: trio.SocketStream, peer: str, reason: str) -> None:
+    gw.metrics.rejections.labels(reason).inc()
+    gw.metrics.http_requests.labels("-", "503").inc()
+    _pending_log.warning("connection refused: too many pending connections", reason=reason, client=peer)
+    with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await stream.send_all(_PENDING_REFUSAL)
+        # Closing with the request unread would reset the connection and lose the answer: half
+        # close, then discard what the client still sends, for at most a second and 64 KiB.
+        await stream.send_eof()
+        discarded = 0
+        while discarded < 65536 and (chunk := await stream.receive_some(16384)):
+            discarded += len(chunk)
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
+
+
+async def _serve_http(gw: Gateway, stream: trio.SocketStream, peer: str, *, admin: bool) -> Upgrade | None:
     """HTTP requests until the client goes, or an accepted WebSocket handshake to hand over."""
     settings = gw.settings
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
     try:
-        peer = _peer_address(stream)
         while True:
             with trio.move_on_after(settings.handshake_timeout) as head_scope:
                 event = await _next_event(conn, stream)
@@ -166,7 +212,7 @@ async def _serve_http(gw: Gateway, stream: trio.SocketStream) -> Upgrade | None:
             target = event.target.decode("latin-1")
             path = urlsplit(target).path
             client = client_ip(peer, _header(event.headers, b"x-forwarded-for"), gw.trusted_proxies)
-            if _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
+            if not admin and _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
                 if event.method != b"GET":
                     response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
                     await _send_response(conn, stream, response, route="websocket", gw=gw,
@@ -194,7 +240,7 @@ async def _serve_http(gw: Gateway, stream: trio.SocketStream) -> Upgrade | None:
             if body_scope.cancelled_caught:
                 await _send_response(conn, stream, text_response(408, "Request body not received in time"), gw=gw)
                 return None
-            response = await handle_http(gw, event, path, target, body)
+            response = await handle_http(gw, event, path, target, body, admin=admin)
             await _send_response(conn, stream, response, head=event.method == b"HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return None
@@ -254,7 +300,7 @@ async def _accept_websocket(
     )
 
 
-async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgrade) -> None:
+async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgrade, slot: _PendingSlot) -> None:
     settings = gw.settings
     endpoint = upgrade.endpoint
     conn = Connection(
@@ -280,6 +326,7 @@ async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgra
             nursery.start_soon(conn.writer)
             rejection = await admit(gw, conn, target, origin)
             if rejection is None:
+                slot.release()  # an admitted socket counts in the connection limits instead
                 await run_connection(gw, conn)
             else:
                 conn.begin_close(rejection)

@@ -24,7 +24,7 @@ def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
     return tuple(out)
 
 
-def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+def is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -35,7 +35,7 @@ def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
 
 
 def client_ip(peer: str, forwarded_for: bytes | None, trusted: tuple[Network, ...]) -> str:
-    if forwarded_for is None or not trusted or not _trusted(peer, trusted):
+    if forwarded_for is None or not trusted or not is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
     for hop in reversed(hops):
@@ -43,7 +43,7 @@ def client_ip(peer: str, forwarded_for: bytes | None, trusted: tuple[Network, ..
             ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a malformed header from a trusted proxy: fall back to what we know
-        if not _trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             return hop
     # Every hop is a proxy of ours, or there is none: the left-most one is whatever the client
     # wrote, so it proves nothing. The peer is the last address we know.
