@@ -15,12 +15,16 @@ Factory = Callable[..., Awaitable[GatewayHandle]]
 BARE_503 = b"HTTP/1.1 503 Service Unavailable\r\n"
 
 
+async def until(predicate: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - the listener's counter has no event to wait on
+            await trio.sleep(0.01)
+
+
 async def idle_connections(handle: GatewayHandle, count: int) -> list[trio.SocketStream]:
     """TCP connections that send nothing: each holds a pending slot until its head times out."""
     streams = [await trio.open_tcp_stream("127.0.0.1", handle.port) for _ in range(count)]
-    with trio.fail_after(10):
-        while handle.gw.pending.count < count:
-            await trio.sleep(0.01)
+    await until(lambda: handle.gw.pending.count >= count)
     return streams
 
 
@@ -51,9 +55,7 @@ async def test_connections_not_admitted_are_bounded_per_ip(gateway_factory: Fact
         await client.still_served()
     for stream in held:
         await stream.aclose()
-    with trio.fail_after(10):
-        while gw.gw.pending.count:
-            await trio.sleep(0.01)
+    await until(lambda: gw.gw.pending.count == 0)
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{gw.url}/ws/health")).status_code == 200
 
@@ -65,9 +67,7 @@ async def test_connections_not_admitted_are_bounded_in_total(gateway_factory: Fa
     assert gw.gw.metrics.rejections.labels("pending_total")._value.get() == 1
     for stream in held:
         await stream.aclose()
-    with trio.fail_after(10):
-        while gw.gw.pending.count:
-            await trio.sleep(0.01)
+    await until(lambda: gw.gw.pending.count == 0)
     client = await gw.connect("waiter", gw.staff_token())
     await gw.connected(1)
     await client.still_served()
