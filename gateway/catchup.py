@@ -156,7 +156,9 @@ class CatchupStore:
     async def staff(self, req: HttpRequest) -> Response:
         from gateway.http import json_response, text_response
 
-        token, branch_raw, since_raw = req.param("token"), req.param("branch_id"), req.param("since")
+        # A header keeps the credential out of URLs and access logs; the query stays for v1 clients.
+        token = _bearer(req) or req.param("token")
+        branch_raw, since_raw = req.param("branch_id"), req.param("since")
         missing = [n for n, v in (("branch_id", branch_raw), ("since", since_raw), ("token", token)) if v is None]
         if missing:
             return text_response(422, f"Missing query parameter: {', '.join(missing)}")
@@ -197,7 +199,9 @@ class CatchupStore:
     async def session(self, req: HttpRequest) -> Response:
         from gateway.http import json_response, text_response
 
-        token, session_raw, since_raw = req.param("table_token"), req.param("session_id"), req.param("since")
+        header = req.headers.get(b"x-table-token", b"").decode("latin-1").strip()
+        token = header or req.param("table_token")
+        session_raw, since_raw = req.param("session_id"), req.param("since")
         missing = [n for n, v in (("session_id", session_raw), ("since", since_raw), ("table_token", token))
                    if v is None]
         if missing:
@@ -238,6 +242,11 @@ class CatchupStore:
 
 def _body(events: list[Event]) -> dict[str, Any]:
     return {"events": [json.loads(e.frame_payload) for e in events], "count": len(events)}
+
+
+def _bearer(req: HttpRequest) -> str | None:
+    scheme, _, value = req.headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _int(raw: str) -> int | None:

@@ -106,3 +106,20 @@ async def test_catchup_since_far_in_the_future_is_an_empty_answer(gateway: Gatew
             if response.status_code == 200:
                 assert response.json()["events"] == []
     assert gateway.gw.metrics.http_requests.labels("/ws/catchup", "500")._value.get() == 0
+
+
+async def test_catchup_takes_credentials_from_headers(gateway: GatewayHandle) -> None:
+    # CORS advertises Authorization and X-Table-Token: catch-up accepts both, keeping tokens out of URLs.
+    async with httpx.AsyncClient() as http:
+        staff = await http.get(f"{gateway.url}/ws/catchup", params={"branch_id": "2", "since": "0"},
+                               headers={"authorization": f"Bearer {gateway.staff_token()}"})
+        assert staff.status_code == 200
+        assert staff.json() == {"events": [], "count": 0}
+        diner = await http.get(f"{gateway.url}/ws/catchup/session", params={"session_id": "9", "since": "0"},
+                               headers={"x-table-token": gateway.table_token()})
+        assert diner.status_code == 200
+        bad = await http.get(f"{gateway.url}/ws/catchup", params={"branch_id": "2", "since": "0"},
+                             headers={"authorization": "Bearer nonsense"})
+        assert bad.status_code == 401
+        missing = await http.get(f"{gateway.url}/ws/catchup", params={"branch_id": "2", "since": "0"})
+        assert missing.status_code == 422
