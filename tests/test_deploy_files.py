@@ -778,3 +778,22 @@ async def test_dashboard_uses_existing_metrics(gateway: GatewayHandle) -> None:
         for q in re.findall(r"histogram_quantile\(\s*([0-9.]+)\s*,", t["expr"])
     }
     assert {0.5, 0.99} <= quantiles
+
+
+def test_nginx_limits_and_exposes_only_the_public_routes() -> None:
+    text = nginx_text()
+    public = re.search(r"map\s+\$uri\s+\$ws_public\s*\{(.*?)\}", text, re.S)
+    assert public, "no map of public routes"
+    for path in ("/ws/waiter", "/ws/kitchen", "/ws/admin", "/ws/diner", "/ws/catchup", "/ws/catchup/session",
+                 "/ws/health"):
+        assert any(re.fullmatch(pattern.lstrip("~"), path) if pattern.startswith("~") else pattern == path
+                   for pattern, value in re.findall(r"(\S+)\s+(\d)\s*;", public.group(1)) if value == "1"), path
+    for path in ("/ws/metrics", "/ws/health/detailed", "/ws/publish"):
+        assert not any(re.fullmatch(pattern.lstrip("~"), path) if pattern.startswith("~") else pattern == path
+                       for pattern, value in re.findall(r"(\S+)\s+(\d)\s*;", public.group(1))
+                       if value == "1"), path
+    block = re.search(r"location\s+/ws/\s*\{(.*?)\n\s*\}", text, re.S)
+    assert block
+    assert re.search(r"if\s+\(\$ws_public\s*=\s*0\)\s*\{\s*return\s+404;\s*\}", block.group(1))
+    assert re.search(r"limit_conn\s+ws_conn_per_ip\s+\d+\s*;", block.group(1))
+    assert re.search(r"limit_req\s+zone=ws_req_per_ip", block.group(1))
