@@ -1,57 +1,12 @@
-"""One benchmark client process: opens many WebSockets and timestamps every frame it receives.
-
-Started by the benchmarks (``bench/fanout.py``), never by hand. Protocol, one JSON object per line:
-
-- stdin, first line: the configuration ``{"client": k, "url": "ws://127.0.0.1:P/ws/waiter",
-  "tokens": [...], "indices": [...], "events": E, "connect_timeout": s, "deadline": s,
-  "impl": "raw" | "trio-websocket"}``; later lines: ``stop`` (or EOF) ends the run;
-- stdout: ``{"type": "connected", ...}`` once every socket is open or failed, ``{"type":
-  "progress", "frames": n}`` about every 0.25 s while frames arrive, ``{"type": "done"}`` when
-  every open socket has received ``events`` event frames, and finally ``{"type": "result", ...}``
-  with, per socket, the sequence numbers received and their receive times (``time.monotonic()``:
-  CLOCK_MONOTONIC is one clock for every process of the machine and, unlike ``time.time()``,
-  never steps, so a publish→receive difference cannot go negative).
-
-Optional configuration keys (``raw`` only; used by ``routed.py``, ``storm.py``, ``memory.py`` and
-``soak.py``; without them the client behaves as ``fanout.py`` expects):
-
-- ``targets``: per socket, the request target (``/ws/diner?table_token=…``) instead of
-  ``<url path>?token=<token>``, so one process can hold sockets of every endpoint;
-- ``expected``: per socket, how many event frames make it complete (instead of ``events`` for
-  all); a socket expecting 0 is complete once open;
-- ``max_connecting``: handshakes in flight at once (default 64; 0 = all at once, a storm);
-- ``wait_go``: build every request, print ``{"type": "ready"}`` and wait (at most ``go_timeout``
-  s) for ``go`` on stdin before the first ``connect``, so several processes start together;
-- ``ping_on_open``: send ``ping`` right after the 101; a socket counts as connected when its
-  ``{"type":"pong"}`` arrives (the gateway reads messages only once the socket is authenticated
-  and registered, so the pong marks the end of admission);
-- ``ping_interval``: every open socket sends ``ping`` this often (seconds; spread over sockets),
-  as the TS clients do every 30 s.
-
-Per socket the result also carries ``t_start`` (before ``connect``), ``t_open`` (101 received),
-``t_pong`` (first pong received), all ``time.monotonic()``, and ``pongs``.
-
-Two implementations:
-
-- ``raw`` (default): one thread, epoll over non-blocking sockets, a minimal RFC 6455 client
-  (server frames are never masked, so reading them is a few lines). It is the cheapest client
-  per frame, which matters on a 2-core machine where clients and gateway share the CPU.
-- ``trio-websocket``: one Trio task per socket on trio-websocket/wsproto, as a real Python client
-  would be written; several times more CPU per frame.
-
-A frame's sequence number and publish time are in its envelope's ``entity``; the payload bytes of
-one event are identical on every socket, so each distinct payload is parsed once per process.
-Every wait is bounded by ``connect_timeout`` and ``deadline``; the process exits by itself.
-"""
+"""The ``raw`` client: one thread, epoll over non-blocking sockets, a minimal RFC 6455 reader
+(server frames are never masked). The cheapest client per frame."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import errno
-import json
 import os
-import resource
 import select
 import socket
 import sys
@@ -59,98 +14,17 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-ORIGIN = "http://localhost:5173"
-MAX_CONNECTING = 64
-PROGRESS_INTERVAL = 0.25
-PONG = b'{"type":"pong"}'
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class Decoder:
-    """Payload bytes -> event sequence number (None: not a benchmark event), cached."""
-
-    def __init__(self) -> None:
-        self.cache: dict[bytes, int | None] = {}
-
-    def seq(self, payload: bytes) -> int | None:
-        try:
-            return self.cache[payload]
-        except KeyError:
-            pass
-        value: int | None = None
-        try:
-            data = json.loads(payload)
-            entity = data.get("entity") if isinstance(data, dict) else None
-            if isinstance(entity, dict) and isinstance(entity.get("seq"), int):
-                value = entity["seq"]
-        except ValueError:
-            value = None
-        if len(self.cache) < 200_000:
-            self.cache[payload] = value
-        return value
-
-
-class Sock:
-    __slots__ = (
-        "buf",
-        "close_code",
-        "error",
-        "handshake",
-        "i",
-        "next_ping",
-        "other",
-        "pongs",
-        "seqs",
-        "settled",
-        "sock",
-        "state",
-        "t_open",
-        "t_pong",
-        "t_start",
-        "times",
-        "want",
-    )
-
-    def __init__(self, i: int) -> None:
-        self.i = i
-        self.sock: socket.socket | None = None
-        self.state = "new"  # new, connecting, handshake, open, closed, failed
-        self.handshake = b""
-        self.buf = b""
-        self.seqs: list[int] = []
-        self.times: list[float] = []
-        self.other = 0
-        self.close_code: int | None = None
-        self.error: str | None = None
-        self.want = 0  # event frames expected; 0: complete as soon as open
-        self.settled = False  # open (and ponged, with ping_on_open), closed or failed
-        self.pongs = 0
-        self.next_ping = 0.0
-        self.t_start: float | None = None  # time.monotonic() before connect()
-        self.t_open: float | None = None  # after the recv that completed the 101
-        self.t_pong: float | None = None  # after the recv that returned the first pong
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame with a short payload (close, pong)."""
-    assert len(payload) < 126
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + masked
-
-
-# --------------------------------------------------------------------------------------------
-# raw: epoll, one thread
-# --------------------------------------------------------------------------------------------
+from bench.client.protocol import (
+    MAX_CONNECTING,
+    ORIGIN,
+    PONG,
+    PROGRESS_INTERVAL,
+    Decoder,
+    Sock,
+    client_frame,
+    cpu_seconds,
+    emit,
+)
 
 
 def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -463,8 +337,8 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             cpu_at_connected = cpu_seconds()
         events = ep.poll(0.05)
         for fd, _mask in events:
-            target = by_fd.get(fd)
-            if target is None:
+            ready = by_fd.get(fd)
+            if ready is None:
                 if fd != stdin_fd:
                     continue
                 if not read_stdin():
@@ -475,10 +349,10 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 if b"stop" in stdin_buf:
                     stop = True
                 continue
-            if target.state == "connecting":  # writable, or an error: on_writable reads SO_ERROR
-                on_writable(target, index_of[target.i])
-            elif target.sock is not None:
-                on_readable(target)
+            if ready.state == "connecting":  # writable, or an error: on_writable reads SO_ERROR
+                on_writable(ready, index_of[ready.i])
+            elif ready.sock is not None:
+                on_readable(ready)
         if todo and connecting < max_connecting:
             start_more()
         now_m = time.monotonic()
@@ -539,170 +413,3 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             for c in conns
         ],
     }
-
-
-# --------------------------------------------------------------------------------------------
-# trio-websocket: a task per socket
-# --------------------------------------------------------------------------------------------
-
-
-def run_trio(cfg: dict[str, Any]) -> dict[str, Any]:
-    import trio
-    from trio_websocket import ConnectionClosed, HandshakeError, connect_websocket_url
-
-    tokens: list[str] = cfg["tokens"]
-    indices: list[int] = cfg["indices"]
-    expected = int(cfg["events"])
-    conns = [Sock(i) for i in indices]
-    decoder = Decoder()
-    state: dict[str, Any] = {
-        "opened": 0,
-        "failed": 0,
-        "frames": 0,
-        "complete": 0,
-        "cpu_at_connected": None,
-    }
-
-    async def main() -> None:
-        limiter = trio.CapacityLimiter(MAX_CONNECTING)
-        all_settled = trio.Event()
-        settled = 0
-
-        def settle() -> None:
-            nonlocal settled
-            settled += 1
-            if settled == len(conns):
-                all_settled.set()
-
-        async def one(c: Sock, token: str, nursery: trio.Nursery) -> None:
-            url = f"{cfg['url']}?token={token}"
-            try:
-                async with limiter:
-                    with trio.fail_after(cfg["connect_timeout"]):
-                        ws = await connect_websocket_url(
-                            nursery,
-                            url,
-                            extra_headers=[(b"Origin", ORIGIN.encode())],
-                            message_queue_size=100_000,
-                        )
-            except (OSError, HandshakeError, trio.TooSlowError, ConnectionClosed) as exc:
-                c.state, c.error = "failed", f"{type(exc).__name__}: {exc}"[:120]
-                state["failed"] += 1
-                settle()
-                return
-            c.state = "open"
-            state["opened"] += 1
-            settle()
-            seqs, times = c.seqs, c.times
-            try:
-                while True:
-                    message = await ws.get_message()
-                    now = time.monotonic()
-                    payload = message.encode() if isinstance(message, str) else message
-                    seq = decoder.seq(payload)
-                    if seq is None:
-                        c.other += 1
-                        continue
-                    seqs.append(seq)
-                    times.append(now)
-                    state["frames"] += 1
-                    if len(seqs) == expected:
-                        state["complete"] += 1
-            except ConnectionClosed as exc:
-                c.state = "closed"
-                c.close_code = exc.reason.code if exc.reason else 1006
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await ws.aclose()
-
-        async def control(cancel: trio.CancelScope) -> None:
-            stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-            buf = b""
-            async with stream:
-                while b"stop" not in buf:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    buf += chunk
-            cancel.cancel()
-
-        async def reporter() -> None:
-            await all_settled.wait()
-            emit(
-                {
-                    "type": "connected",
-                    "client": cfg["client"],
-                    "open": state["opened"],
-                    "failed": state["failed"],
-                    "errors": _errors(conns),
-                }
-            )
-            state["cpu_at_connected"] = cpu_seconds()
-            last = -1
-            done = False
-            while True:
-                await trio.sleep(PROGRESS_INTERVAL)
-                if state["frames"] != last:
-                    last = state["frames"]
-                    emit(
-                        {
-                            "type": "progress",
-                            "client": cfg["client"],
-                            "frames": last,
-                            "complete": state["complete"],
-                        }
-                    )
-                if not done and state["opened"] and state["complete"] >= state["opened"]:
-                    emit(
-                        {"type": "done", "client": cfg["client"], "frames": last, "t": time.time()}
-                    )
-                    done = True
-
-        with trio.move_on_after(cfg["deadline"]) as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(control, scope)
-                nursery.start_soon(reporter)
-                for c, token in zip(conns, tokens, strict=True):
-                    nursery.start_soon(one, c, token, nursery)
-
-    trio.run(main)
-    return {
-        "open": state["opened"],
-        "failed": state["failed"],
-        "cpu_s_receive": round(cpu_seconds() - (state["cpu_at_connected"] or cpu_seconds()), 3),
-        "sockets": [
-            {
-                "i": c.i,
-                "seq": c.seqs,
-                "t": c.times,
-                "other": c.other,
-                "close": c.close_code,
-                "state": c.state,
-                "error": c.error,
-            }
-            for c in conns
-        ],
-    }
-
-
-def _errors(conns: list[Sock]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in conns:
-        if c.state == "failed":
-            out[c.error or "?"] = out.get(c.error or "?", 0) + 1
-    return out
-
-
-def main() -> int:
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 2
-    cfg = json.loads(line)
-    impl = cfg.get("impl", "raw")
-    result = run_trio(cfg) if impl == "trio-websocket" else run_raw(cfg)
-    emit({"type": "result", "client": cfg["client"], "impl": impl, **result})
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
