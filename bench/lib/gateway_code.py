@@ -36,18 +36,20 @@ def export_gateway(ref: str, dest: str) -> str:
 
 
 def _gateway_digest(root: Path) -> str:
-    """A short sha256 of ``root/gateway/*.py`` (names and contents)."""
+    """A short sha256 of ``root/gateway/**/*.py`` (paths under ``gateway/`` and contents)."""
     import hashlib
 
+    package = root / "gateway"
     digest = hashlib.sha256()
-    for path in sorted((root / "gateway").glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
 def gateway_code_identity(ref: str | None = None, source: str | None = None) -> dict[str, Any]:
-    """Which gateway code ran: HEAD commit, whether gateway/ differs from it, a digest of gateway/*.py.
+    """Which gateway code ran: HEAD commit, whether gateway/ differs from it, a digest of
+    gateway/**/*.py.
 
     Read-only git commands; the tree is shared and edited while benchmarks run.
     """
