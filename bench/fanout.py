@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Fan-out benchmark: one event stream to N sockets of one branch, end to end, in one command.
 
-    .venv/bin/python bench/fanout.py --sockets 1000 --events 200 --rate 20 [--payload 200]
+    .venv/bin/python -m bench.fanout --sockets 1000 --events 200 --rate 20 [--payload 200]
         [--clients 2] [--direct-write 0|1] [--role waiter|admin] [--client-impl raw|trio-websocket]
         [--profile]
 
@@ -11,7 +10,7 @@ What it does, every step bounded in time:
    own process (``.venv/bin/gateway serve --port <free> --host 127.0.0.1``, ``REDIS_URL`` set,
    connection limits raised, ``LOG_LEVEL=WARNING``) and waits for ``/ws/health``;
 2. opens N sockets on tenant 1 branch 2 (waiters with distinct user ids, or admins) from K client
-   processes (``bench/_client.py``) and checks the gateway counts N registered sockets;
+   processes (``python -m bench.client``) and checks the gateway counts N registered sockets;
 3. publishes E envelopes with ``XADD events:critical MAXLEN ~ 50000 * data <json>`` at R per second,
    each carrying in ``entity`` its sequence number and publish time: ``t`` = ``time.time()`` and
    ``m`` = ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process of the machine that,
@@ -39,49 +38,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
+from bench.lib.clients import (
     ClientInbox,
     ClientProcess,
-    CpuSnapshot,
     Opening,
-    Resp,
-    Stack,
-    add_profile_args,
-    add_run_args,
+    start_clients,
+    stop_clients,
+)
+from bench.lib.constants import STREAM, STREAM_MAXLEN
+from bench.lib.gateway_process import Stack, dispatch_stats
+from bench.lib.log import log
+from bench.lib.measurement import (
+    CpuSnapshot,
     bottleneck,
     cpu_cores,
-    dispatch_stats,
-    finish_log_dir,
-    finish_profile,
     host_info,
-    log,
+    wait_for_quiet_host,
+)
+from bench.lib.options import add_profile_args, add_run_args
+from bench.lib.plots import plot_latency
+from bench.lib.processes import stop_process
+from bench.lib.profiling import finish_profile, start_py_spy
+from bench.lib.resp import Resp
+from bench.lib.results import (
+    finish_log_dir,
     percentiles,
-    plot_latency,
     rounded,
     run_main,
     save_result,
     stamp,
-    start_clients,
-    start_py_spy,
-    stop_clients,
-    stop_process,
-    wait_for_quiet_host,
 )
-
-from gateway.core.events import encode_envelope, envelope
-from gateway.core.tokens import mint_staff_token
+from bench.lib.tokens import staff_token
+from bench.workloads.broadcast import BRANCH, build_event, count_deliveries, padding_for
 from gateway.settings import Settings
-
-TENANT = 1
-BRANCH = 2
-STREAM = "events:critical"
-STREAM_MAXLEN = 50000
-#: Reaches A(b) and every waiter of the branch whatever its sectors (see gateway.core.routing).
-EVENT_TYPE = "ROUND_PENDING"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,23 +135,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_event(seq: int, t_pub: float, m_pub: float, pad: str) -> bytes:
-    """``t``: time.time() at publish (wall clock); ``m``: time.monotonic(), what latency uses."""
-    entity: dict[str, object] = {"seq": seq, "t": t_pub, "m": m_pub}
-    if pad:
-        entity["pad"] = pad
-    return encode_envelope(envelope(EVENT_TYPE, TENANT, BRANCH, table_id=5, entity=entity))
-
-
-def padding_for(target: int) -> str:
-    """Padding so the event JSON is about ``target`` bytes long."""
-    base = len(build_event(10**6, time.time(), time.monotonic(), ""))
-    if target <= base:
-        return ""
-    # ',"pad":""' adds 10 bytes around the padding itself.
-    return "x" * max(target - base - 10, 0)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = stamp()
     base_name = (
@@ -196,16 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings.from_env({})
         roles = ["WAITER"] if args.role == "waiter" else ["ADMIN"]
         tokens = [
-            mint_staff_token(
-                secret=settings.jwt_secret,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                user_id=10_000 + i,
-                tenant_id=TENANT,
-                branch_ids=[BRANCH],
-                roles=roles,
-                ttl=3600,
-            )
+            staff_token(settings, user_id=10_000 + i, branch_ids=[BRANCH], roles=roles, ttl=3600)
             for i in range(args.sockets)
         ]
         url = f"{gw.ws_url}/ws/{args.role}"
@@ -321,42 +286,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gw_metrics = gw.metrics()
 
         # --- analyse ---------------------------------------------------------------------------
-        latencies: list[float] = []
-        per_event: list[list[float]] = [[] for _ in range(args.events)]
-        delivered = duplicates = out_of_order = other = 0
-        closed: dict[str, int] = {}
-        last_recv = t_first_pub
-        for res in results.values():
-            for s in res["sockets"]:
-                seen: set[int] = set()
-                prev = -1
-                for seq, t in zip(s["seq"], s["t"], strict=True):
-                    if seq in seen or not 0 <= seq < args.events:
-                        duplicates += 1
-                        continue
-                    seen.add(seq)
-                    if seq < prev:
-                        out_of_order += 1
-                    prev = seq
-                    lat = (t - pub_times[seq]) * 1000.0
-                    latencies.append(lat)
-                    per_event[seq].append(lat)
-                    last_recv = max(last_recv, t)
-                delivered += len(seen)
-                other += s["other"]
-                if s["close"] is not None:
-                    closed[str(s["close"])] = closed.get(str(s["close"]), 0) + 1
+        d = count_deliveries(results, pub_times, t_first_pub)
+        delivered = d.delivered
         expected_all = args.sockets * args.events
-        missing = expected_all - delivered
-        window = max(last_recv - t_first_pub, 1e-9)
-        lat = percentiles(latencies)
-        per_event_stats = []
-        for seq, values in enumerate(per_event):
-            if values:
-                values.sort()
-                per_event_stats.append(
-                    (pub_times[seq] - t_first_pub, values[len(values) // 2], values[-1])
-                )
+        missing = expected_all - d.delivered
+        window = max(d.last_recv - t_first_pub, 1e-9)
+        lat = percentiles(d.latencies)
         neck = bottleneck(util, ncpu=os.cpu_count() or 1)
         achieved_rate = (
             args.events / (t_last_pub - t_first_pub)
@@ -374,8 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "delivered": delivered,
             "expected": expected_all,
             "missing": missing,
-            "duplicates": duplicates,
-            "out_of_order": out_of_order,
+            "duplicates": d.duplicates,
+            "out_of_order": d.out_of_order,
             "complete": complete and missing == 0,
             "frames_per_s": round(delivered / window, 1),
             "latency_ms": rounded(lat),
@@ -419,8 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else None,
                 "slow_consumer_closes": gw_metrics.get("wsgateway_slow_consumer_closes_total"),
             },
-            "closed_sockets": closed,
-            "other_frames": other,
+            "closed_sockets": d.closed,
+            "other_frames": d.other,
             "profiled": bool(args.profile),
             "timestamp": started,
             "host_busy_cores_before": host_busy_before,
@@ -462,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.results_dir,
                 base_name,
                 detail=detail,
-                draw=lambda png: plot_latency(png, latencies, per_event_stats, title),
+                draw=lambda png: plot_latency(png, d.latencies, d.per_event, title),
             )
         return result
     finally:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Memory per idle socket: gateway RSS before connecting vs with N idle registered sockets.
 
-    .venv/bin/python bench/memory.py [--sockets 1000,5000,10000] [--clients 4] [--settle 5]
-    .venv/bin/python bench/memory.py --sockets 5000 --tracemalloc     # where the bytes go
+    .venv/bin/python -m bench.memory [--sockets 1000,5000,10000] [--clients 4] [--settle 5]
+    .venv/bin/python -m bench.memory --sockets 5000 --tracemalloc     # where the bytes go
 
 For each N, with a fresh redis-server and gateway process each time:
 
@@ -17,13 +16,13 @@ For each N, with a fresh redis-server and gateway process each time:
    is reported too (it cancels the one-off growth of the first connections);
 4. closes the sockets and reads RSS once more (what is returned to the OS).
 
-With ``--tracemalloc`` the gateway is not ``gateway serve`` but this same file in
-``--serve-instrumented`` mode: the same ``run_until_signalled(Settings.from_env())`` in one
+With ``--tracemalloc`` the gateway is not ``gateway serve`` but ``bench/lib/instrumented.py``:
+the same ``run_until_signalled(Settings.from_env())`` in one
 process with ``tracemalloc`` started (``--tracemalloc-frames``, default 16) and a SIGUSR1 handler
 that dumps a snapshot. Snapshots before connecting and after settling are compared by line and
 by traceback: Python-heap bytes and allocations per socket, and the code that made them.
 tracemalloc's own bookkeeping inflates RSS, so RSS figures of that run are not comparable and
-are labelled so. ``--gc-log`` (also in ``storm.py``) records every garbage-collector pause.
+are labelled so. ``--gc-log`` (also in ``bench.storm``) records every garbage-collector pause.
 
 Goals: at most 20 KiB of RSS per idle socket, and 10,000 sockets held by one process.
 Prints progress on stderr, ONE JSON line on stdout, and writes JSON + PNG (and the tracemalloc
@@ -34,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import queue
 import resource
@@ -42,269 +40,29 @@ import signal
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------------------------------------
-# The instrumented gateway (a child process; imports nothing from the benchmark, so that with
-# --gateway-ref the snapshot on PYTHONPATH is the gateway that runs)
-# ---------------------------------------------------------------------------------------------
-
-
-def serve_instrumented(argv: list[str]) -> int:
-    """``gateway serve`` with tracemalloc snapshots on SIGUSR1 and/or a log of GC pauses."""
-    p = argparse.ArgumentParser(prog="memory.py --serve-instrumented")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--tracemalloc-frames", type=int, default=0)
-    p.add_argument("--snapshot-dir", default=None)
-    p.add_argument("--gc-log", default=None)
-    args = p.parse_args(argv)
-    import gc
-    import tracemalloc
-
-    if args.tracemalloc_frames > 0:
-        tracemalloc.start(args.tracemalloc_frames)
-    counter = {"n": 0}
-
-    def on_usr1(signum: int, frame: object) -> None:
-        if not tracemalloc.is_tracing() or args.snapshot_dir is None:
-            return
-        snap = tracemalloc.take_snapshot()
-        path = os.path.join(args.snapshot_dir, f"snap-{counter['n']}.tm")
-        snap.dump(path + ".tmp")
-        os.replace(path + ".tmp", path)
-        counter["n"] += 1
-
-    signal.signal(signal.SIGUSR1, on_usr1)
-    pauses: list[tuple[float, int, float, int]] = []  # (time, generation, seconds, collected)
-    started: dict[str, float] = {}
-    if args.gc_log:
-
-        def on_gc(phase: str, info: dict[str, int]) -> None:
-            now = time.monotonic()
-            if phase == "start":
-                started["t"] = now
-            elif "t" in started:
-                pauses.append(
-                    (started["t"], info["generation"], now - started.pop("t"), info["collected"])
-                )
-
-        gc.callbacks.append(on_gc)
-    import trio
-
-    from gateway.app import run_until_signalled
-    from gateway.logs import setup_logging
-    from gateway.settings import Settings
-
-    settings = Settings.from_env(port=str(args.port), host="127.0.0.1")
-    setup_logging(settings.log_level, settings.log_format, settings.environment)
-    try:
-        trio.run(run_until_signalled, settings)
-    finally:
-        if args.gc_log:
-            with open(args.gc_log + ".tmp", "w") as fh:
-                json.dump({"pauses": pauses}, fh)
-            os.replace(args.gc_log + ".tmp", args.gc_log)
-    return 0
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--serve-instrumented"]:
-    sys.exit(serve_instrumented(sys.argv[2:]))
-
-# ---------------------------------------------------------------------------------------------
-# The benchmark
-# ---------------------------------------------------------------------------------------------
-
-# Imported only now: _common puts the work tree first on sys.path, which would shadow the
-# --gateway-ref snapshot that the instrumented gateway above must import.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    ClientProcess,
-    Opening,
-    Stack,
-    add_run_args,
+from bench.lib.clients import ClientProcess, Opening, start_clients, stop_clients
+from bench.lib.gateway_process import Stack, health_total, instrumented_gateway
+from bench.lib.gclog import gc_summary, wait_for_file
+from bench.lib.heap import tracemalloc_report
+from bench.lib.log import log
+from bench.lib.measurement import (
     bottleneck,
-    finish_log_dir,
     host_info,
-    instrumented_gateway,
     kernel_socket_memory,
-    log,
     proc_fd_count,
     proc_memory,
-    rel,
-    run_main,
-    save_figure,
-    save_result,
-    stamp,
-    start_clients,
-    stop_clients,
-    subplots,
     wait_for_quiet_host,
 )
-from storm import population_targets  # noqa: E402
-
-from gateway.settings import Settings  # noqa: E402
+from bench.lib.options import add_run_args
+from bench.lib.plots import save_figure, subplots
+from bench.lib.results import finish_log_dir, run_main, save_result, stamp
+from bench.lib.tokens import default_settings
+from bench.workloads.population import population_targets
 
 GOAL_KIB = 20.0
-
-
-def gc_summary(path: str, t_from: float | None = None, t_to: float | None = None) -> dict[str, Any]:
-    """Pauses of the garbage collector from an instrumented gateway's log (ms)."""
-    try:
-        with open(path) as fh:
-            pauses = json.load(fh)["pauses"]
-    except (OSError, ValueError, KeyError):
-        return {"error": "no gc log"}
-    sel = [
-        p for p in pauses if (t_from is None or p[0] >= t_from) and (t_to is None or p[0] <= t_to)
-    ]
-    out: dict[str, Any] = {"collections": len(sel)}
-    for gen in (0, 1, 2):
-        durs = sorted(p[2] * 1000 for p in sel if p[1] == gen)
-        if durs:
-            out[f"gen{gen}"] = {
-                "count": len(durs),
-                "total_ms": round(sum(durs), 1),
-                "max_ms": round(durs[-1], 1),
-                "p50_ms": round(durs[len(durs) // 2], 2),
-            }
-    out["total_ms"] = round(sum(p[2] for p in sel) * 1000, 1)
-    origin = t_from if t_from is not None else (sel[0][0] if sel else 0.0)
-    out["longest"] = [
-        {"t": round(p[0] - origin, 3), "gen": p[1], "ms": round(p[2] * 1000, 1)}
-        for p in sorted(sel, key=lambda p: -p[2])[:8]
-    ]
-    out["pauses_ge_10ms"] = [
-        [round(p[0] - origin, 3), p[1], round(p[2] * 1000, 1)] for p in sel if p[2] >= 0.01
-    ]
-    return out
-
-
-def health_total(gw: Any, timeout: float = 60.0) -> int:
-    """``/ws/health`` ``total_connections``, retried: a traced gateway answers slowly."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return int(gw.health().get("total_connections", -1))
-        except (OSError, ValueError):
-            if time.monotonic() >= deadline:
-                return -1
-            time.sleep(0.5)
-
-
-def wait_for_file(path: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _source_line(filename: str, lineno: int) -> str:
-    import linecache
-
-    return linecache.getline(filename, lineno).strip()[:70]
-
-
-def tracemalloc_report(before: str, after: str, n: int, out_txt: Path) -> dict[str, Any]:
-    """Compare two snapshots: bytes and blocks per socket, by line, file and traceback."""
-    import tracemalloc
-
-    s0 = tracemalloc.Snapshot.load(before)
-    s1 = tracemalloc.Snapshot.load(after)
-    ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
-    s0, s1 = s0.filter_traces(ignore), s1.filter_traces(ignore)
-    total0 = sum(st.size for st in s0.statistics("filename"))
-    total1 = sum(st.size for st in s1.statistics("filename"))
-    blocks0 = sum(st.count for st in s0.statistics("filename"))
-    blocks1 = sum(st.count for st in s1.statistics("filename"))
-
-    def short(path: str) -> str:
-        for marker in ("site-packages/", "/lib/python3.11/", "/gateway/"):
-            idx = path.find(marker)
-            if idx >= 0:
-                rest = path[idx + len(marker) :]
-                return ("gateway/" + rest) if marker == "/gateway/" else rest
-        return path
-
-    by_line = s1.compare_to(s0, "lineno")
-    by_file = s1.compare_to(s0, "filename")
-    by_tb = s1.compare_to(s0, "traceback")
-    lines = [
-        f"tracemalloc: {n} idle sockets; Python heap {total0 / 1e6:.1f} MB -> {total1 / 1e6:.1f} MB "
-        f"(+{(total1 - total0) / n:.0f} B and +{(blocks1 - blocks0) / n:.1f} blocks per socket)",
-        "",
-        "by line (bytes per socket, blocks per socket):",
-    ]
-    top_lines = []
-    for st in by_line[:30]:
-        fr = st.traceback[0]
-        where = f"{short(fr.filename)}:{fr.lineno}"
-        top_lines.append(
-            {
-                "where": where,
-                "bytes_per_socket": round(st.size_diff / n, 1),
-                "blocks_per_socket": round(st.count_diff / n, 2),
-            }
-        )
-        lines.append(f"  {st.size_diff / n:8.0f} B  {st.count_diff / n:6.2f}  {where}")
-    lines += ["", "by file:"]
-    top_files = []
-    for st in by_file[:20]:
-        where = short(st.traceback[0].filename)
-        top_files.append({"file": where, "bytes_per_socket": round(st.size_diff / n, 1)})
-        lines.append(f"  {st.size_diff / n:8.0f} B  {st.count_diff / n:6.2f}  {where}")
-    packages: dict[str, float] = defaultdict(float)
-    for st in by_file:
-        where = short(st.traceback[0].filename)
-        if where.startswith("<attrs generated methods trio"):
-            pkg = "trio"
-        elif "/" in where:
-            pkg = where.split("/", 1)[0]
-        else:
-            pkg = "stdlib" if where.endswith(".py") or where.startswith("<frozen") else "other"
-        packages[pkg] += st.size_diff / n
-    by_package = {k: round(v, 1) for k, v in sorted(packages.items(), key=lambda kv: -kv[1])}
-    lines += ["", "by package (bytes per socket):"]
-    for pkg, v in by_package.items():
-        if abs(v) >= 1:
-            lines.append(f"  {v:8.0f} B  {pkg}")
-    # Who is responsible: each allocation charged to the innermost gateway line on its stack
-    # (e.g. wsproto's handshake state to the gateway line that created the WSConnection).
-    sites: dict[str, float] = defaultdict(float)
-    for st in by_tb:
-        site = "(no gateway frame in the recorded stack)"
-        for fr in reversed(list(st.traceback)):
-            where = short(fr.filename)
-            if where.startswith("gateway/"):
-                site = f"{where}:{fr.lineno} {_source_line(fr.filename, fr.lineno)}"
-                break
-        sites[site] += st.size_diff / n
-    by_site = sorted(sites.items(), key=lambda kv: -kv[1])
-    lines += ["", "by the innermost gateway line on the allocation's stack (bytes per socket):"]
-    for site, v in by_site[:25]:
-        lines.append(f"  {v:8.0f} B  {site}")
-    lines += ["", "by traceback (largest 12; innermost frame last):"]
-    for st in by_tb[:12]:
-        lines.append(f"  {st.size_diff / n:8.0f} B  {st.count_diff / n:6.2f} blocks")
-        for fr in list(st.traceback)[-8:]:
-            lines.append(f"        {short(fr.filename)}:{fr.lineno}")
-    out_txt.write_text("\n".join(lines) + "\n")
-    return {
-        "python_heap_before_mb": round(total0 / 1e6, 2),
-        "python_heap_after_mb": round(total1 / 1e6, 2),
-        "python_heap_bytes_per_socket": round((total1 - total0) / n, 1),
-        "python_blocks_per_socket": round((blocks1 - blocks0) / n, 2),
-        "by_package_bytes_per_socket": {k: v for k, v in by_package.items() if abs(v) >= 1},
-        "by_gateway_line_bytes_per_socket": [
-            {"site": site, "bytes": round(v, 1)} for site, v in by_site[:12]
-        ],
-        "top_lines": top_lines[:15],
-        "top_files": top_files[:10],
-        "table": rel(out_txt),
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -338,14 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def kib(kb: int | None) -> float | None:
-    """/proc reports kB that are KiB."""
-    return None if kb is None else float(kb)
-
-
 def measure(args: argparse.Namespace, n: int, log_dir: str) -> dict[str, Any]:
     """One gateway, N sockets: RSS before, idle with N, after closing."""
-    settings = Settings.from_env({})
+    settings = default_settings()
     targets, _kinds = population_targets(args.population, n, settings)
     run_dir = tempfile.mkdtemp(prefix=f"n{n}-", dir=log_dir)
     snap_dir = os.path.join(run_dir, "snapshots")

@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Soak: the routed workload for N minutes; does memory or latency drift?
 
-    .venv/bin/python bench/soak.py --minutes 10          # opt-in, not part of CI
-    .venv/bin/python bench/soak.py --minutes 2           # a short proof run
+    .venv/bin/python -m bench.soak --minutes 10          # opt-in, not part of CI
+    .venv/bin/python -m bench.soak --minutes 2           # a short proof run
 
-The workload is ``routed.py``'s (``run_workload``): 2,900 sockets of 100 branches (admins,
-waiters with sectors, kitchens, diners), the backend's event mix at 200 logical events/s with
+The workload is ``bench.routed``'s (``bench.workloads.routed_run``): 2,900 sockets of 100
+branches (admins, waiters with sectors, kitchens, diners), the backend's event mix at 200 logical events/s with
 multi-channel copies, published the way the backend publishes; every socket's received set is
 checked against ``gateway.core.routing.receives`` at the end (misses and extras must be 0). Unlike
-``routed.py`` the clients behave like the TS clients for the heartbeat: every socket sends
+``bench.routed`` the clients behave like the TS clients for the heartbeat: every socket sends
 ``ping`` every 30 s (``--ping-interval``), and the gateway keeps its default 60 s heartbeat
 timeout, so a missed ping would show up as a 1001 close.
 
@@ -30,25 +29,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    percentiles,
-    run_main,
-    save_figure,
-    save_result,
-    stamp,
-    subplots,
-)
-from routed import (
-    Analysis,
-    Workload,
-    add_workload_args,
-    analyse,
-    check_workload_args,
-    passed,
-    summary,
-)
-from routed import run_workload as run_routed_workload
+from bench.lib.plots import save_figure, subplots
+from bench.lib.results import percentiles, run_main, save_result, stamp
+from bench.workloads.routed_report import Analysis, analyse, passed, summary
+from bench.workloads.routed_run import Workload, add_workload_args, check_workload_args
+from bench.workloads.routed_run import run_workload as run_routed_workload
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +81,9 @@ def per_minute(w: Workload, a: Analysis) -> list[dict[str, Any]]:
 
 def rss_slope_mib_per_hour(w: Workload) -> float | None:
     """Least-squares slope of RSS over the samples after the first minute."""
-    pts = [(s["t"], (s["rss_kb"] or 0) / 1024) for s in w.samples if s["t"] >= 60.0]
+    pts: list[tuple[float, float]] = [
+        (s["t"], (s["rss_kb"] or 0) / 1024) for s in w.samples if s["t"] >= 60.0
+    ]
     if len(pts) < 3:
         return None
     n = len(pts)

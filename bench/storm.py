@@ -1,16 +1,15 @@
-#!/usr/bin/env python3
 """Reconnect storm: N clients connect at the same instant; how long until all are registered?
 
-    .venv/bin/python bench/storm.py --sockets 1000 [--clients 4] [--population mix|waiter|diner]
-    .venv/bin/python bench/storm.py --sockets 5000
+    .venv/bin/python -m bench.storm --sockets 1000 [--clients 4] [--population mix|waiter|diner]
+    .venv/bin/python -m bench.storm --sockets 5000
 
 What it does, every step bounded in time:
 
 1. starts a private ``redis-server`` and the gateway as its own process (``WS_MAX_TOTAL_CONNECTIONS``
    = N + 1000, ``WS_MAX_CONNECTIONS_PER_USER`` = 100, ``WS_HEARTBEAT_TIMEOUT`` = 3600, every other
    setting at its default: the listen backlog is the kernel's ``somaxconn``);
-2. starts K client processes (``bench/_client.py``, raw epoll client); each builds its requests
-   and reports ready; then all get ``go`` at once and open all their sockets without any limit
+2. starts K client processes (``python -m bench.client``, raw epoll client); each builds its
+   requests and reports ready; then all get ``go`` at once and open all their sockets without any limit
    on handshakes in flight (``max_connecting`` 0) — what a gateway restart does to it when every
    client reconnects at once;
 3. each socket sends ``ping`` as soon as its 101 arrives; the gateway reads messages only after
@@ -42,80 +41,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    ClientInbox,
-    ClientProcess,
+from bench.lib.clients import ClientInbox, ClientProcess, start_clients, stop_clients
+from bench.lib.gateway_process import HealthPoller, Stack, instrumented_gateway, metric_sum
+from bench.lib.gclog import gc_summary, wait_for_file
+from bench.lib.log import log
+from bench.lib.measurement import (
     CpuSnapshot,
-    HealthPoller,
-    Stack,
-    add_profile_args,
-    add_run_args,
     bottleneck,
     counter_delta,
     cpu_cores,
-    finish_log_dir,
-    finish_profile,
     host_info,
-    instrumented_gateway,
-    log,
-    metric_sum,
-    percentiles,
     proc_fd_count,
     proc_memory,
-    rounded,
-    run_main,
-    save_figure,
-    save_result,
-    stamp,
-    start_clients,
-    start_py_spy,
-    stop_clients,
-    stop_process,
-    subplots,
     tcp_counters,
     wait_for_quiet_host,
 )
-from routed import TENANT, build_population
-
-from gateway.core.tokens import mint_staff_token, mint_table_token
-from gateway.settings import Settings
-
-
-def population_targets(kind: str, n: int, settings: Settings) -> tuple[list[str], list[str]]:
-    """(request targets, kinds) of N sockets."""
-    if kind == "mix":
-        specs = build_population(math.ceil(n / 29), settings=settings)[:n]
-        return [s.target for s in specs], [s.kind for s in specs]
-    targets: list[str] = []
-    for i in range(n):
-        if kind == "waiter":
-            token = mint_staff_token(
-                secret=settings.jwt_secret,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                user_id=2_000_000 + i,
-                tenant_id=TENANT,
-                branch_ids=[1 + i % 100],
-                roles=["WAITER"],
-                ttl=4 * 3600,
-            )
-            targets.append(f"/ws/waiter?token={token}")
-        else:
-            sid = 300_000 + i // 2
-            token = mint_table_token(
-                secret=settings.table_token_secret,
-                tenant_id=TENANT,
-                branch_id=1 + i % 100,
-                table_id=sid,
-                session_id=sid,
-                ttl=4 * 3600,
-            )
-            targets.append(f"/ws/diner?table_token={token}")
-    return targets, [kind] * n
+from bench.lib.options import add_profile_args, add_run_args
+from bench.lib.processes import stop_process
+from bench.lib.profiling import finish_profile, start_py_spy
+from bench.lib.results import finish_log_dir, percentiles, rounded, run_main, save_result, stamp
+from bench.lib.tokens import default_settings
+from bench.workloads.population import population_targets
+from bench.workloads.storm_report import plot, socket_timings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--gc-log",
         action="store_true",
-        help="run the gateway in memory.py's instrumented mode and report garbage-collector "
+        help="run the gateway instrumented (bench/lib/instrumented.py) and report garbage-collector "
         "pauses during the storm",
     )
     add_run_args(p)
@@ -162,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     spy: subprocess.Popen[bytes] | None = None
     log_dir = tempfile.mkdtemp(prefix="gw-bench-")
-    settings = Settings.from_env({})
+    settings = default_settings()
     targets, kinds = population_targets(args.population, n, settings)
     stack: Stack | None = None
     clients: list[ClientProcess] = []
@@ -279,34 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         box = ClientInbox(inbox, clients)
         box.collect(clients, 60)
         results = box.results
-
-        # --- analyse ---------------------------------------------------------------------------
-        handshake: list[float] = []
-        admission: list[float] = []
-        start_spread: list[float] = []
-        pong_at: list[float] = []
-        open_at: list[float] = []
-        failures: dict[str, int] = {}
-        by_kind: dict[str, list[float]] = {}
-        for res in results.values():
-            for s in res["sockets"]:
-                if s["t_start"] is not None:
-                    start_spread.append((s["t_start"] - t_go) * 1000)
-                ok_socket = s["state"] == "open" and s["t_pong"] is not None
-                if s["t_open"] is not None and s["t_start"] is not None:
-                    handshake.append((s["t_open"] - s["t_start"]) * 1000)
-                    open_at.append(s["t_open"] - t_go)
-                if ok_socket:
-                    lat = (s["t_pong"] - s["t_start"]) * 1000
-                    admission.append(lat)
-                    pong_at.append(s["t_pong"] - t_go)
-                    by_kind.setdefault(kinds[s["i"]], []).append(lat)
-                else:
-                    if s["state"] == "closed":
-                        why = f"closed {s['close']}"
-                    else:
-                        why = s["error"] or s["state"]
-                    failures[why] = failures.get(why, 0) + 1
+        t = socket_timings(results, kinds, t_go)
+        handshake, admission, open_at, pong_at = t.handshake, t.admission, t.open_at, t.pong_at
+        failures, by_kind, start_spread = t.failures, t.by_kind, t.start_spread
         failed = sum(failures.values())
         util = snap0.delta(snap_registered or snap1)
         neck = bottleneck(util, ncpu=os.cpu_count() or 1)
@@ -373,8 +297,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 metrics1, "wsgateway_slow_consumer_closes_total"
             )
         if gc_log:
-            from memory import gc_summary, wait_for_file
-
             stack.close()  # the instrumented gateway writes its GC log on exit
             if wait_for_file(gc_log, 10):
                 end = t_go + (all_registered_s or util["wall_s"])
@@ -404,65 +326,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if stack is not None:
             stack.close()
         finish_log_dir(log_dir, ok)
-
-
-def plot(
-    path: Path,
-    result: dict[str, Any],
-    handshake: list[float],
-    admission: list[float],
-    open_at: list[float],
-    pong_at: list[float],
-    timeline: list[tuple[float, int]],
-) -> None:
-    import numpy as np
-
-    fig, axes = subplots(1, 2, (15, 5))
-    ax = axes[0]
-    for values, label in ((handshake, "TCP connect → 101"), (admission, "TCP connect → pong")):
-        if values:
-            arr = np.sort(np.asarray(values))
-            ax.plot(arr, np.arange(1, len(arr) + 1) / len(arr), lw=1.5, label=label)
-            p99 = float(np.percentile(arr, 99))
-            ax.axvline(p99, color="grey", ls="--", lw=0.8)
-            ax.text(p99, 0.05, f" p99 {p99:.0f} ms", fontsize=8, rotation=90)
-    ax.set_xlabel("ms per socket")
-    ax.set_ylabel("fraction of sockets")
-    ax.set_title("handshake and handshake+auth (CDF)")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax = axes[1]
-    for values, label in ((open_at, "101 received"), (pong_at, "pong received")):
-        if values:
-            arr = np.sort(np.asarray(values))
-            ax.plot(arr, np.arange(1, len(arr) + 1), lw=1.5, label=f"{label} (clients)")
-    if timeline:
-        ax.plot(
-            [t for t, _ in timeline],
-            [c for _, c in timeline],
-            ".",
-            ms=3,
-            label="/ws/health total_connections",
-        )
-    if result["sockets"] <= 1000:
-        ax.axvline(2.0, color="red", ls=":", lw=1, label="2 s goal")
-    gc_pauses = (result.get("gc_during_storm") or {}).get("pauses_ge_10ms") or []
-    for k, (t, _gen, ms) in enumerate(gc_pauses):
-        ax.axvspan(
-            t, t + ms / 1000, color="red", alpha=0.25, label="GC pause ≥ 10 ms" if k == 0 else None
-        )
-    ax.set_xlabel("seconds since go")
-    ax.set_ylabel("sockets")
-    ax.set_title("sockets over time")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    save_figure(
-        fig,
-        path,
-        f"storm: {result['sockets']} sockets ({result['population']}) from "
-        f"{result['client_processes']} processes; all registered {result['all_registered_s']} s; "
-        f"failures {result['failures']}; {result['bottleneck']}",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
