@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"gateway direct_write={args.direct_write}")
 
         # --- sockets ---------------------------------------------------------------------------
-        settings = Settings.from_env({})
+        settings = Settings.from_env({"ENVIRONMENT": "development"})
         roles = ["WAITER"] if args.role == "waiter" else ["ADMIN"]
         tokens = [
             staff_token(settings, user_id=10_000 + i, branch_ids=[BRANCH], roles=roles, ttl=3600)

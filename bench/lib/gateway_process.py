@@ -71,6 +71,8 @@ class GatewayProcess:
         # Start from a clean slate: no gateway setting leaks in from the caller's environment.
         names = _settings_env_names()
         env = {k: v for k, v in os.environ.items() if k not in names}
+        # Benchmarks mint tokens with the public development secrets (bench.lib.tokens).
+        env["ENVIRONMENT"] = "development"
         env.update(self.extra_env)
         cwd = str(ROOT)
         if self.source is not None:

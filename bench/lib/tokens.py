@@ -11,7 +11,7 @@ from gateway.settings import Settings
 
 def default_settings() -> Settings:
     """The settings of a gateway started with no setting in its environment (the benchmarks')."""
-    return Settings.from_env({})
+    return Settings.from_env({"ENVIRONMENT": "development"})
 
 
 def staff_token(

@@ -123,7 +123,7 @@ class Workload:
 def run_workload(args: argparse.Namespace) -> Workload:
     """Start redis, the gateway and clients; publish; collect. Everything stopped in ``finally``."""
     log_dir = tempfile.mkdtemp(prefix="gw-bench-")
-    settings = Settings.from_env({})
+    settings = Settings.from_env({"ENVIRONMENT": "development"})
     population = build_population(args.branches, settings=settings)
     n_events = max(round(args.rate * args.duration), 1)
     plans = [plan_event(seq, args.seed, args.branches) for seq in range(n_events)]
