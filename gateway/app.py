@@ -38,12 +38,12 @@ from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
 from gateway.connection import Connection
 from gateway.core import closecodes
-from gateway.core.auth import allowed_origins
 from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.core.clientip import Network, parse_networks
 from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
 from gateway.core.model import Principal
+from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
 from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
 from gateway.metrics import Metrics

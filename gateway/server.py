@@ -30,7 +30,6 @@ from gateway.core.auth import (
     AuthError,
     diner_principal,
     is_revoked,
-    origin_allowed,
     revocation_keys,
     staff_principal,
     verify_staff_token,
@@ -39,6 +38,7 @@ from gateway.core.auth import (
 from gateway.core.clientip import client_ip
 from gateway.core.closecodes import Close
 from gateway.core.model import ENDPOINTS, Endpoint, Principal
+from gateway.core.origins import origin_allowed
 from gateway.http import Response, handle_http, text_response
 from gateway.logs import RateLimitedLog, redact_target
 

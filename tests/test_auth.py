@@ -15,15 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.auth import (
-    DEFAULT_ORIGINS,
     ENDPOINT_ROLES,
     AuthError,
     StaffClaims,
     TableClaims,
-    allowed_origins,
     diner_principal,
     is_revoked,
-    origin_allowed,
     recheck_table_principal,
     revocation_keys,
     staff_principal,
@@ -37,6 +34,7 @@ from gateway.core.closecodes import (
     TABLE_TOKEN_EXPIRED,
 )
 from gateway.core.model import Endpoint, Principal
+from gateway.core.origins import DEFAULT_ORIGINS, allowed_origins, origin_allowed
 from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 
 SECRET = "unit-test-staff-secret-of-sufficient-length"

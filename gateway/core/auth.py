@@ -34,11 +34,6 @@ TABLE_TOKEN_ISSUER = "integrador:table"
 TABLE_TOKEN_AUDIENCE = "integrador:diner"
 TABLE_TOKEN_TYPE = "table"
 
-DEFAULT_ORIGINS: tuple[str, ...] = tuple(
-    f"http://{host}:{port}"
-    for host in ("localhost", "127.0.0.1", "192.168.1.106")
-    for port in (5173, 5176, 5177, 5178, 5179, 5180)
-)
 
 ENDPOINT_ROLES: Mapping[Endpoint, frozenset[str]] = types.MappingProxyType(
     {
@@ -395,24 +390,6 @@ def _verify_legacy_table_token(token: str, *, secret: str, now: float) -> TableC
         session_id=session_id,
         expires_at=float(expires_at),
     )
-
-
-# --- Origin (D2) -------------------------------------------------------------------------------
-
-
-def allowed_origins(configured: tuple[str, ...]) -> frozenset[str]:
-    """The configured allow-list, or the 18 development origins and their https:// forms."""
-    if configured:
-        return frozenset(configured)
-    https = (origin.replace("http://", "https://", 1) for origin in DEFAULT_ORIGINS)
-    return frozenset(DEFAULT_ORIGINS).union(https)
-
-
-def origin_allowed(origin: str | None, allowed: frozenset[str], *, bypass_missing: bool) -> bool:
-    """Exact, case-sensitive match; a missing or empty Origin only under the development bypass."""
-    if not origin:
-        return bypass_missing
-    return origin in allowed
 
 
 # --- principals --------------------------------------------------------------------------------
