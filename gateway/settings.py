@@ -139,12 +139,12 @@ class Settings:
         parse=_parse_optional_port, minimum=0, maximum=65535,
     )
     max_pending_connections: int = setting(
-        1024, "WS_MAX_PENDING_CONNECTIONS",
+        4096, "WS_MAX_PENDING_CONNECTIONS",
         "TCP connections not yet admitted as sockets (HTTP requests, handshakes, closes in progress) per "
         "process; beyond it new ones get a bare 503 before any parsing.", minimum=1, maximum=1000000,
     )
     max_pending_per_ip: int = setting(
-        32, "WS_MAX_PENDING_PER_IP",
+        256, "WS_MAX_PENDING_PER_IP",
         "Connections not yet admitted from one peer address (proxies in GATEWAY_TRUSTED_PROXIES are exempt: "
         "limit them in the proxy); beyond it a bare 503.", minimum=1, maximum=1000000,
     )
