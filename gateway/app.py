@@ -34,6 +34,7 @@ import attrs
 import coredis
 import trio
 
+from gateway.admission import check_revoked
 from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
 from gateway.connection import Connection
@@ -50,12 +51,13 @@ from gateway.metrics import Metrics
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import run_embedded_redis
 from gateway.sectors import SectorSource
-from gateway.server import check_revoked, handle_tcp
+from gateway.server import handle_tcp
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
 
 READY_TIMEOUT = 3.0
+AUTH_BREAKER_RECOVERY = 2.0
 BREAKER_NAMES = ("stream", "pubsub", "auth", "catchup", "publish")
 _BREAKER_LEVEL = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
@@ -120,7 +122,10 @@ class Gateway:
             clock=trio.current_time,
             on_transition=transition,
             failure_threshold=s.breaker_failures,
-            recovery_timeout=s.breaker_recovery,
+            # Admission refuses every new socket while its breaker is open (D4, D22): it probes
+            # Redis again within seconds, so clients waiting to connect get in soon after
+            # Redis answers again. The other paths back off for the full recovery time.
+            recovery_timeout=min(s.breaker_recovery, AUTH_BREAKER_RECOVERY) if name == "auth" else s.breaker_recovery,
             half_open_max_calls=s.breaker_trial_calls,
         )
 

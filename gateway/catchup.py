@@ -184,7 +184,7 @@ class CatchupStore:
         if not principals:
             return text_response(403, "Access denied")
         # A revoked token's sockets are closed (D3), so it would have received nothing live.
-        from gateway.server import check_revoked
+        from gateway.admission import check_revoked
 
         revoked = await check_revoked(self.gw, principals[:1])
         if revoked is None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import attrs
 import h11
@@ -24,23 +24,13 @@ from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
+from gateway.admission import Verdict, count_refusal, decide, register
 from gateway.connection import Connection
 from gateway.core import closecodes
-from gateway.core.auth import (
-    AuthError,
-    diner_principal,
-    is_revoked,
-    revocation_keys,
-    staff_principal,
-    verify_staff_token,
-    verify_table_token,
-)
 from gateway.core.clientip import client_ip
-from gateway.core.closecodes import Close
-from gateway.core.model import ENDPOINTS, Endpoint, Principal
-from gateway.core.origins import origin_allowed
+from gateway.core.model import ENDPOINTS, Endpoint
 from gateway.http import Response, handle_http, text_response
-from gateway.logs import RateLimitedLog, redact_target
+from gateway.logs import RateLimitedLog
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -119,7 +109,7 @@ class Upgrade:
     protocol: WsProtocol
     endpoint: Endpoint
     target: str
-    origin: str | None
+    verdict: Verdict
     client: str
     trailing: bytes
 
@@ -218,12 +208,18 @@ async def _serve_http(gw: Gateway, stream: trio.SocketStream, peer: str, *, admi
                     await _send_response(conn, stream, response, route="websocket", gw=gw,
                                          head=event.method == b"HEAD")
                     return None
-                if gw.draining:
-                    # A proxy retries this on another instance (nginx: proxy_next_upstream http_503).
-                    response = attrs.evolve(text_response(503, "Draining"), headers=((b"retry-after", b"1"),))
+                endpoint = _WS_PATHS[path]
+                origin = _header(event.headers, b"origin")
+                verdict = await decide(gw, endpoint, target, origin.decode("latin-1") if origin is not None else None)
+                if verdict.refusal is not None:
+                    # Recoverable (D22): answered before the upgrade, so no client sees an open
+                    # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
+                    status, detail, retry_after = count_refusal(gw, verdict, target, client)
+                    response = attrs.evolve(text_response(status, detail),
+                                            headers=((b"retry-after", str(retry_after).encode()),))
                     await _send_response(conn, stream, response, route="websocket", gw=gw)
                     return None
-                return await _accept_websocket(gw, stream, conn, event, _WS_PATHS[path], client)
+                return await _accept_websocket(gw, stream, conn, event, endpoint, client, verdict)
             body = b""
             with trio.move_on_after(settings.handshake_timeout) as body_scope:
                 while True:
@@ -274,7 +270,7 @@ def _partial(conn: h11.Connection) -> bool:
 
 async def _accept_websocket(
     gw: Gateway, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
-    client: str,
+    client: str, verdict: Verdict,
 ) -> Upgrade | None:
     ws = WSConnection(ConnectionType.SERVER)
     try:
@@ -287,14 +283,13 @@ async def _accept_websocket(
         await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", gw=gw)
         return None
     await stream.send_all(accept)
-    origin = _header(request.headers, b"origin")
     # After the handshake only the frame-level protocol object is needed.
     assert ws.connection is not None
     return Upgrade(
         protocol=ws.connection,
         endpoint=endpoint,
         target=request.target.decode("latin-1"),
-        origin=origin.decode("latin-1") if origin is not None else None,
+        verdict=verdict,
         client=client,
         trailing=h11conn.trailing_data[0],
     )
@@ -318,13 +313,13 @@ async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgra
     )
     if upgrade.trailing:
         upgrade.protocol.receive_data(upgrade.trailing)
-    target, origin = upgrade.target, upgrade.origin
+    target, verdict = upgrade.target, upgrade.verdict
     del upgrade
     gw.sockets.add(conn)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.writer)
-            rejection = await admit(gw, conn, target, origin)
+            rejection = register(gw, conn, verdict, target)
             if rejection is None:
                 slot.release()  # an admitted socket counts in the connection limits instead
                 await run_connection(gw, conn)
@@ -340,81 +335,6 @@ async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgra
         log.debug("socket closed", extra={**conn.log_context(), "code": conn.close_code and conn.close_code.code})
 
 
-def _reject(gw: Gateway, conn: Connection, close: Close, reason: str, target: str, **who: object) -> Close:
-    gw.metrics.rejections.labels(reason).inc()
-    gw.count_rejection(reason)
-    log.info("socket rejected", extra={**conn.log_context(), **who, "reason": reason, "code": close.code,
-                                        "target": redact_target(target)})
-    return close
-
-
-async def admit(gw: Gateway, conn: Connection, target: str, origin: str | None) -> Close | None:
-    """Check the credentials of an accepted socket and register it, or say how to close it."""
-    settings = gw.settings
-    endpoint = conn.endpoint
-    if gw.draining:
-        return _reject(gw, conn, closecodes.SERVER_RESTART, "draining", target)
-    if not origin_allowed(origin, gw.origins, bypass_missing=settings.origin_bypass_active):
-        return _reject(gw, conn, closecodes.ORIGIN_NOT_ALLOWED, "origin", target)
-    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
-    param = "table_token" if endpoint == "diner" else "token"
-    values = query.get(param) or [""]
-    token = values[0]
-    if not token:
-        return _reject(gw, conn, closecodes.MISSING_TOKEN, "missing_token", target)
-    now = time.time()
-    try:
-        principal: Principal
-        if endpoint == "diner":
-            table = verify_table_token(token, secret=settings.table_token_secret, now=now,
-                                       max_lifetime=settings.max_token_lifetime)
-            principal = diner_principal(table)
-        else:
-            claims = verify_staff_token(
-                token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now,
-                max_lifetime=settings.max_token_lifetime,
-            )
-            try:
-                principal = staff_principal(endpoint, claims)
-            except AuthError as exc:  # valid token, wrong role: say whose it was
-                return _reject(gw, conn, exc.close, exc.reason, target, tenant=claims.tenant_id,
-                               branches=sorted(claims.branch_ids), user=claims.user_id)
-    except AuthError as exc:
-        return _reject(gw, conn, exc.close, exc.reason, target)
-    conn.principal = principal
-    if not principal.is_diner:
-        revoked = await check_revoked(gw, [principal])
-        if revoked is None:
-            return _reject(gw, conn, closecodes.TRY_AGAIN_LATER, "redis_unavailable", target)
-        if revoked[0]:
-            return _reject(gw, conn, closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked", target)
-        if principal.is_plain_waiter or endpoint == "waiter":
-            principal = await gw.sectors.assign(principal, refresh=False)
-            conn.principal = principal
-    # From here to index.add there is no checkpoint: the limits cannot be raced.
-    index = gw.index
-    if gw.draining:
-        return _reject(gw, conn, closecodes.SERVER_RESTART, "draining", target)
-    if len(index) >= settings.max_total_connections:
-        return _reject(gw, conn, closecodes.TRY_AGAIN_LATER, "limit_total", target)
-    if principal.is_diner:
-        assert principal.session_id is not None
-        if index.count_session(principal.tenant_id, principal.session_id) >= settings.max_connections_per_session:
-            return _reject(gw, conn, closecodes.TOO_MANY_CONNECTIONS, "limit_session", target)
-    elif index.count_user(principal.tenant_id, principal.user_id) >= settings.max_connections_per_user:
-        return _reject(gw, conn, closecodes.TOO_MANY_CONNECTIONS, "limit_user", target)
-    conn.token = token
-    index.add(conn, principal)
-    gw.metrics.connections.labels(endpoint).inc()
-    gw.metrics.connections_opened.labels(endpoint).inc()
-    interval = settings.table_token_revalidation_interval if principal.is_diner else settings.jwt_revalidation_interval
-    conn.next_check = trio.current_time() + interval
-    if endpoint == "waiter":
-        conn.refresh_sectors = gw.refresh_sectors
-    log.debug("socket registered", extra=conn.log_context())
-    return None
-
-
 async def run_connection(gw: Gateway, conn: Connection) -> None:
     """Serve a registered socket until it closes; its token's expiry is the read loop's deadline."""
     principal = conn.principal
@@ -427,31 +347,3 @@ async def run_connection(gw: Gateway, conn: Connection) -> None:
         expired = closecodes.TABLE_TOKEN_EXPIRED if principal.is_diner else closecodes.TOKEN_EXPIRED_OR_REVOKED
         log.info("token expired: closing", extra=conn.log_context())
         conn.begin_close(expired)
-
-
-async def check_revoked(gw: Gateway, principals: Sequence[Principal]) -> list[bool] | None:
-    """One MGET for all the principals' revocation keys; None when Redis cannot answer (D4)."""
-    keys: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for p in principals:
-        ks = revocation_keys(p)
-        spans.append((len(keys), len(keys) + len(ks)))
-        keys.extend(ks)
-    if not keys:
-        return [False] * len(principals)
-    breaker = gw.breakers["auth"]
-    if not breaker.allow():
-        return None
-    values: Sequence[bytes | str | None]
-    try:
-        with trio.fail_after(REVOCATION_TIMEOUT):
-            values = await gw.redis.mget(keys)
-    except Exception as exc:
-        from gateway.ingest import is_redis_failure
-
-        if not is_redis_failure(exc) and not isinstance(exc, trio.TooSlowError):
-            raise
-        gw.redis_failed(breaker, "revocation", exc)
-        return None
-    gw.redis_ok(breaker)
-    return [is_revoked(p, list(values[a:b])) for p, (a, b) in zip(principals, spans, strict=True)]

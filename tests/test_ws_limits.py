@@ -1,20 +1,23 @@
 """End-to-end connection limits (D5): per staff user, per table session and per process.
 
-A socket over a limit is closed before it is registered, so it never receives events and never
-counts against anyone; the sockets already open keep being served.
+A socket over a limit is refused before the upgrade (D22: HTTP 429/503 with Retry-After, so even
+the existing clients back off instead of seeing an open socket that closes), never registered,
+never counted against anyone; the sockets already open keep being served. Only a socket that
+loses a race to the last slot after its upgrade is closed 1008/1013.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from gateway.testing import GatewayHandle, Publisher
+from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
@@ -24,6 +27,22 @@ PONG = '{"type":"pong"}'
 def value(metric: Any, *labels: str) -> float:
     child = metric.labels(*labels) if labels else metric
     return float(child._value.get())
+
+
+async def refused_upgrade(handle: GatewayHandle, endpoint: str, token: str) -> tuple[int, str, bytes | None]:
+    """Status, detail and Retry-After of an upgrade refused before the 101."""
+    param = "table_token" if endpoint == "diner" else "token"
+    url = f"{handle.ws_url}/ws/{endpoint}?{param}={token}"
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(url, extra_headers=[("Origin", DEFAULT_ORIGIN)]):
+            pass
+    headers = dict(info.value.headers)
+    body = info.value.body or b"{}"
+    return info.value.status_code, json.loads(body)["detail"], headers.get(b"retry-after")
+
+
+TOO_MANY = (429, "Too many connections", b"5")
+TRY_LATER = (503, "Try again later", b"5")
 
 
 async def legacy_rejections(handle: GatewayHandle, reason: str) -> str:
@@ -38,7 +57,7 @@ async def legacy_rejections(handle: GatewayHandle, reason: str) -> str:
 # --- per staff user (default 3) ----------------------------------------------------------------
 
 
-async def test_fourth_socket_of_a_staff_user_closes_1008(gateway: GatewayHandle) -> None:
+async def test_fourth_socket_of_a_staff_user_is_refused_429(gateway: GatewayHandle) -> None:
     assert gateway.settings.max_connections_per_user == 3
     token = gateway.staff_token(user=7, roles=("WAITER", "KITCHEN"))
     # The limit counts the user's sockets on every endpoint together.
@@ -48,12 +67,12 @@ async def test_fourth_socket_of_a_staff_user_closes_1008(gateway: GatewayHandle)
         await gateway.connect("waiter", gateway.staff_token(user=7)),
     ]
     await gateway.connected(3)
-    fourth = await gateway.connect("waiter", token)
-    assert await fourth.closed() == (1008, "Too many connections")
+    assert await refused_upgrade(gateway, "waiter", token) == TOO_MANY
     await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
     assert value(gateway.gw.metrics.rejections, "limit_user") == 1
-    assert value(gateway.gw.metrics.closes, "1008") == 1
+    assert value(gateway.gw.metrics.http_requests, "websocket", "429") == 1
+    assert value(gateway.gw.metrics.closes, "1008") == 0
     # The legacy "limit" line counts only the process-wide limit, as the existing gateway did.
     assert await legacy_rejections(gateway, "limit") == "0"
     for client in first:
@@ -70,8 +89,7 @@ async def test_closing_a_socket_frees_its_user_slot(gateway: GatewayHandle) -> N
     token = gateway.staff_token(user=7)
     clients = [await gateway.connect("waiter", token) for _ in range(3)]
     await gateway.connected(3)
-    refused = await gateway.connect("waiter", token)
-    assert await refused.closed() == (1008, "Too many connections")
+    assert await refused_upgrade(gateway, "waiter", token) == TOO_MANY
     await clients[0].aclose()
     await gateway.settled(2)
     again = await gateway.connect("waiter", token)
@@ -110,13 +128,12 @@ async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: 
 # --- per table session (default 10) ------------------------------------------------------------
 
 
-async def test_eleventh_diner_of_a_session_closes_1008(gateway: GatewayHandle) -> None:
+async def test_eleventh_diner_of_a_session_is_refused_429(gateway: GatewayHandle) -> None:
     assert gateway.settings.max_connections_per_session == 10
     staff = await gateway.connect("waiter", gateway.staff_token())
     diners = [await gateway.connect("diner", gateway.table_token(session=9)) for _ in range(10)]
     await gateway.connected(11)
-    eleventh = await gateway.connect("diner", gateway.table_token(session=9))
-    assert await eleventh.closed() == (1008, "Too many connections")
+    assert await refused_upgrade(gateway, "diner", gateway.table_token(session=9)) == TOO_MANY
     await gateway.settled(11)
     assert gateway.gw.index.count_session(1, 9) == 10
     assert value(gateway.gw.metrics.rejections, "limit_session") == 1
@@ -130,34 +147,26 @@ async def test_eleventh_diner_of_a_session_closes_1008(gateway: GatewayHandle) -
 async def test_refused_diner_receives_no_session_events(gateway: GatewayHandle, publisher: Publisher) -> None:
     diners = [await gateway.connect("diner", gateway.table_token(session=9)) for _ in range(10)]
     await gateway.connected(10)
-    refused = await gateway.connect("diner", gateway.table_token(session=9))
+    # Refused before the upgrade: there is no socket that could receive anything.
+    assert await refused_upgrade(gateway, "diner", gateway.table_token(session=9)) == TOO_MANY
     await publisher.stream_event(publisher.envelope("CHECK_PAID", 1, 2, table_id=5, session_id=9))
     for client in diners:
         await client.expect("CHECK_PAID")
-    # The refused socket gets its close and nothing else.
-    received: list[object] = []
-    with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
-        while True:
-            received.append(await refused.ws.get_message())
-    assert closed.value.reason is not None
-    assert (closed.value.reason.code, closed.value.reason.reason) == (1008, "Too many connections")
-    assert received == []
     await gateway.settled(10)
 
 
 # --- per process -------------------------------------------------------------------------------
 
 
-async def test_total_limit_closes_1013_and_a_freed_slot_is_reused(gateway_factory: Factory) -> None:
+async def test_total_limit_is_refused_503_and_a_freed_slot_is_reused(gateway_factory: Factory) -> None:
     handle = await gateway_factory(max_total_connections=2)
     waiter = await handle.connect("waiter", handle.staff_token(user=1))
     diner = await handle.connect("diner", handle.table_token())
     await handle.connected(2)
-    third = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
-    assert await third.closed() == (1013, "Try again later")
+    assert await refused_upgrade(handle, "kitchen", handle.staff_token(user=2, roles=("KITCHEN",))) == TRY_LATER
     await handle.settled(2)
     assert value(handle.gw.metrics.rejections, "limit_total") == 1
-    assert value(handle.gw.metrics.closes, "1013") == 1
+    assert value(handle.gw.metrics.closes, "1013") == 0
     assert await legacy_rejections(handle, "limit") == "1"
     await waiter.still_served()
     await diner.still_served()
@@ -197,8 +206,8 @@ async def test_every_refusal_leaves_nothing_behind(gateway_factory: Factory) -> 
         await handle.connect("diner", handle.table_token(session=9)),
     ]
     await handle.connected(2)
+    assert await refused_upgrade(handle, "diner", handle.table_token(session=9)) == TOO_MANY
     refusals = [
-        (await handle.connect("diner", handle.table_token(session=9)), (1008, "Too many connections")),
         (await handle.connect("waiter", "not-a-jwt"), (4001, "Authentication failed")),
         (await handle.connect("waiter", handle.staff_token(), origin="http://evil.test"),
          (4003, "Origin not allowed")),

@@ -20,6 +20,7 @@ import coredis
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Request
 
@@ -654,14 +655,20 @@ async def test_revoked_token_refused_at_connect(gateway: GatewayHandle, redis_ur
 # --- Redis outage (D4) -------------------------------------------------------------------------
 
 
-async def test_redis_down_at_connect_closes_1013_and_open_sockets_stay() -> None:
+async def test_redis_down_at_connect_is_refused_503_and_open_sockets_stay() -> None:
     # A Redis of its own, so that killing it leaves the session's Redis to the other tests.
     with RedisProcess(RedisConfig(port=0)) as proc:
         async with running_gateway(test_settings(proc.url, drain_period=0)) as handle:
             other = await bystander(handle)
             proc.kill()
-            client = await handle.connect("waiter", handle.staff_token(user=1))
-            await expect_rejected(handle, client, 1013, "Try again later")
+            # Refused before the upgrade (D22): recoverable, and no open socket resets a
+            # client's backoff.
+            url = f"{handle.ws_url}/ws/waiter?token={handle.staff_token(user=1)}"
+            with pytest.raises(ConnectionRejected) as info:
+                async with open_websocket_url(url, extra_headers=[("Origin", DEFAULT_ORIGIN)]):
+                    pass
+            assert info.value.status_code == 503
+            assert dict(info.value.headers)[b"retry-after"] == b"2"
             assert value(handle.gw.metrics.rejections, "redis_unavailable") == 1
             # An outage is not a credential problem: the legacy auth counter stays put.
             assert handle.gw.legacy["auth"] == 0
