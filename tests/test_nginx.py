@@ -37,7 +37,6 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
-from gateway.client import ConnectionState, GatewayClient, HttpError, http_get
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.tokens import mint_staff_token
 from gateway.ingest import make_client
@@ -45,6 +44,7 @@ from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
 from gateway.testing import DEFAULT_ORIGIN
+from gateway_client import ConnectionState, GatewayClient, HttpError, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "docs" / "deploy" / "nginx.conf"
