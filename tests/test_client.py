@@ -17,7 +17,6 @@ from wsproto.utilities import RemoteProtocolError
 
 from gateway.core import closecodes
 from gateway.core.tokens import mint_legacy_table_token, mint_table_token
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
 from gateway_client import (
     FINAL_CLOSE_CODES,
     Backoff,
@@ -33,6 +32,7 @@ from gateway_client import (
     http_get,
     session_id_from_table_token,
 )
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 S = ConnectionState

@@ -26,7 +26,7 @@ from gateway.cli import build_parser
 from gateway.http import ROUTES
 from gateway.metrics import Metrics
 from gateway.settings import Settings, settings_fields
-from gateway.testing import GatewayHandle
+from gateway_testing import GatewayHandle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "docs" / "deploy"

@@ -23,7 +23,7 @@ from gateway.connection import CLOSE_TIMEOUT
 from gateway.core.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'
 OP_TEXT = 0x1

@@ -38,7 +38,7 @@ from gateway.ingest import is_redis_failure, make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

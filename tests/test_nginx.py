@@ -43,8 +43,8 @@ from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN
 from gateway_client import ConnectionState, GatewayClient, HttpError, http_get
+from gateway_testing import DEFAULT_ORIGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "docs" / "deploy" / "nginx.conf"

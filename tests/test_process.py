@@ -27,7 +27,7 @@ from gateway.app import run_gateway
 from gateway.core.tokens import mint_staff_token
 from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN, test_settings
+from gateway_testing import DEFAULT_ORIGIN, test_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Generous: the script may first (re)install the package into .venv.

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.testing import GatewayHandle, Publisher, WSClient
+from gateway_testing import GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

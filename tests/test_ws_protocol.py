@@ -25,7 +25,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Request
 
 from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import (
+from gateway_testing import (
     DEFAULT_ORIGIN,
     GatewayHandle,
     Publisher,

@@ -10,7 +10,7 @@ Endpoint = Literal["waiter", "kitchen", "admin", "diner"]
 ENDPOINTS: tuple[Endpoint, ...] = ("waiter", "kitchen", "admin", "diner")
 
 
-def credential_param(endpoint: Endpoint) -> str:
+def credential_param(endpoint: str) -> str:
     """The query parameter of ``/ws/<endpoint>`` that carries the socket's credential."""
     return "table_token" if endpoint == "diner" else "token"
 
