@@ -13,7 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
 
 # Each example gets a fresh gateway (about 0.2 s to start): Hypothesis drives examples from a
 # plain function, and pytest-trio's fixtures do not span examples.

@@ -29,7 +29,7 @@ from wsproto.events import AcceptConnection, Request
 from gateway.core.tokens import mint_staff_token
 from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN
+from gateway_testing import DEFAULT_ORIGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACK_BYTES = int(os.environ.get("HARDENING_ATTACK_MIB", "24")) * 1024 * 1024

@@ -7,23 +7,18 @@ counts against anyone; the sockets already open keep being served.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
 import trio
+from helpers import metric_value
 from trio_websocket import ConnectionClosed
 
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
 PONG = '{"type":"pong"}'
-
-
-def value(metric: Any, *labels: str) -> float:
-    child = metric.labels(*labels) if labels else metric
-    return float(child._value.get())
 
 
 async def legacy_rejections(handle: GatewayHandle, reason: str) -> str:
@@ -52,8 +47,8 @@ async def test_fourth_socket_of_a_staff_user_closes_1008(gateway: GatewayHandle)
     assert await fourth.closed() == (1008, "Too many connections")
     await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
-    assert value(gateway.gw.metrics.rejections, "limit_user") == 1
-    assert value(gateway.gw.metrics.closes, "1008") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "limit_user") == 1
+    assert metric_value(gateway.gw.metrics.closes, "1008") == 1
     # The legacy "limit" line counts only the process-wide limit, as the existing gateway did.
     assert await legacy_rejections(gateway, "limit") == "0"
     for client in first:
@@ -104,7 +99,7 @@ async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: 
     assert sorted(outcomes) == ["1008 Too many connections"] * 5 + ["served"] * 3
     await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
-    assert value(gateway.gw.metrics.rejections, "limit_user") == 5
+    assert metric_value(gateway.gw.metrics.rejections, "limit_user") == 5
 
 
 # --- per table session (default 10) ------------------------------------------------------------
@@ -119,7 +114,7 @@ async def test_eleventh_diner_of_a_session_closes_1008(gateway: GatewayHandle) -
     assert await eleventh.closed() == (1008, "Too many connections")
     await gateway.settled(11)
     assert gateway.gw.index.count_session(1, 9) == 10
-    assert value(gateway.gw.metrics.rejections, "limit_session") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "limit_session") == 1
     for client in [staff, *diners]:
         await client.still_served()
     other_session = await gateway.connect("diner", gateway.table_token(session=10))
@@ -156,8 +151,8 @@ async def test_total_limit_closes_1013_and_a_freed_slot_is_reused(gateway_factor
     third = await handle.connect("kitchen", handle.staff_token(user=2, roles=("KITCHEN",)))
     assert await third.closed() == (1013, "Try again later")
     await handle.settled(2)
-    assert value(handle.gw.metrics.rejections, "limit_total") == 1
-    assert value(handle.gw.metrics.closes, "1013") == 1
+    assert metric_value(handle.gw.metrics.rejections, "limit_total") == 1
+    assert metric_value(handle.gw.metrics.closes, "1013") == 1
     assert await legacy_rejections(handle, "limit") == "1"
     await waiter.still_served()
     await diner.still_served()
@@ -186,7 +181,7 @@ async def test_credentials_are_checked_before_the_total_limit(gateway_factory: F
     wrong_role = await handle.connect("admin", handle.staff_token(user=2))
     assert await wrong_role.closed() == (4003, "Access denied")
     await handle.settled(1)
-    assert value(handle.gw.metrics.rejections, "limit_total") == 0
+    assert metric_value(handle.gw.metrics.rejections, "limit_total") == 0
     await first.still_served()
 
 
