@@ -137,7 +137,7 @@ class GatewayClient:
     @property
     def url(self) -> str:
         """The WebSocket URL with the current token."""
-        return self._ws_url(self.token)
+        return ws_url(self.ws_base, self.endpoint, self.token)
 
     @property
     def _throttle_timers(self) -> dict[Throttle, trio.CancelScope]:
@@ -293,6 +293,7 @@ class GatewayClient:
         """One connection attempt and, if it opens, the socket's whole life."""
         generation = self._token_generation
         token = self.token
+        url = ws_url(self.ws_base, self.endpoint, token)
         headers = [(b"Origin", self.origin.encode("latin-1"))] if self.origin is not None else []
         self._local_close = self._remote_close = None
         opened = False
@@ -300,7 +301,7 @@ class GatewayClient:
         with trio.CancelScope() as attempt_scope:
             self._attempt_scope = attempt_scope
             try:
-                async with open_websocket_url(self._ws_url(token), self.ssl_context, extra_headers=headers,
+                async with open_websocket_url(url, self.ssl_context, extra_headers=headers,
                                               message_queue_size=4096, connect_timeout=self.connect_timeout,
                                               disconnect_timeout=self.close_timeout) as ws:
                     opened = True
@@ -319,7 +320,9 @@ class GatewayClient:
         return info
 
     async def _connected(self, ws: WebSocketConnection, token: str, generation: int) -> CloseInfo:
-        since = self._catchup_since()
+        # Where catch-up starts: None on the first open (or with catch-up off).
+        since = (catchup_since(self._last_open_wall, self._last_event_wall, self.catchup_margin)
+                 if self.catchup_enabled else None)
         self._last_open_wall = time.time()
         self.opens += 1
         self.policy.opened()
@@ -393,13 +396,6 @@ class GatewayClient:
             self._local_close = HEARTBEAT_TIMEOUT
 
     # --- catch-up ------------------------------------------------------------------------------
-    def _catchup_since(self) -> float | None:
-        """Where catch-up starts after a reconnect (``catchup.catchup_since``); None on the first
-        connection or with catch-up disabled."""
-        if not self.catchup_enabled:
-            return None
-        return catchup_since(self._last_open_wall, self._last_event_wall, self.catchup_margin)
-
     def catchup_url(self, token: str, since: float) -> str | None:
         """The catch-up request for this client, or None when it has no scope to ask for."""
         return catchup_url(self.http_base, self.endpoint, token, since, branch_id=self.branch_id,
@@ -419,9 +415,6 @@ class GatewayClient:
         log.info("caught up", extra={"events": len(events), "since": since})
 
     # --- helpers -------------------------------------------------------------------------------
-    def _ws_url(self, token: str) -> str:
-        return ws_url(self.ws_base, self.endpoint, token)
-
     def _set_state(self, state: ConnectionState) -> None:
         if state is self.state:
             return
