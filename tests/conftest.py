@@ -1,1 +1,3 @@
-"""Our suite uses the same fixtures backend teams get from ``gateway.testing`` (pytest11 plugin)."""
+"""Our suite uses the same fixtures backend teams get from the ``gateway_testing`` plugin."""
+
+pytest_plugins = ["gateway_testing"]

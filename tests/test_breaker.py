@@ -294,7 +294,14 @@ def test_backoff_custom_base() -> None:
     assert [backoff.next_delay() for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
-@pytest.mark.parametrize("kwargs", [{"base": 0.0}, {"base": 2.0, "cap": 1.0}, {"jitter": -0.1}])
+@pytest.mark.parametrize("kwargs", [{"base": -1.0}, {"base": 2.0, "cap": 1.0}, {"jitter": -0.1},
+                                    {"cap": float("inf")}, {"jitter": 1.5}])
 def test_backoff_invalid_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Backoff(**kwargs)  # type: ignore[arg-type]
+
+
+def test_backoff_zero_base_retries_at_once() -> None:
+    # The exponent is bounded, so a zero base cannot overflow; the client's tests use it.
+    backoff = Backoff(base=0.0, cap=0.0)
+    assert [backoff.next_delay() for _ in range(5)] == [0.0] * 5

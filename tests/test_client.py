@@ -1,4 +1,4 @@
-"""gateway.client: sans-I/O parts at unit level, the client itself against the real gateway."""
+"""gateway_client: sans-I/O parts at unit level, the client itself against the real gateway."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 from wsproto.utilities import RemoteProtocolError
 
-from gateway.client import (
+from gateway.core import closecodes
+from gateway.core.tokens import mint_legacy_table_token, mint_table_token
+from gateway_client import (
     FINAL_CLOSE_CODES,
     Backoff,
     CloseAction,
@@ -30,9 +32,7 @@ from gateway.client import (
     http_get,
     session_id_from_table_token,
 )
-from gateway.core import closecodes
-from gateway.core.tokens import mint_legacy_table_token, mint_table_token
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 S = ConnectionState

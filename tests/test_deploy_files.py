@@ -20,13 +20,14 @@ import attrs
 import httpx
 import pytest
 import trio
+import yaml  # type: ignore[import-untyped]
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.cli import build_parser
 from gateway.http import ROUTES
 from gateway.metrics import Metrics
 from gateway.settings import Settings, settings_fields
-from gateway.testing import GatewayHandle
+from gateway_testing import GatewayHandle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "docs" / "deploy"
@@ -43,235 +44,34 @@ SETTING_ENVS = {f.metadata["env"] for f in settings_fields()}
 RUNTIME_ENVS = {"PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR"}
 
 
-# --- a small YAML reader ------------------------------------------------------------------------
-# PyYAML is not a dependency. This reads the subset the deployment files use (block mappings and
-# sequences, flow sequences, quoted and plain scalars, anchors, aliases and `<<` merges, `|`/`>`
-# block scalars) and raises on anything else, so a file it accepts is also valid YAML.
+# --- YAML ----------------------------------------------------------------------------------------
+# PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML forbids it,
+# and a duplicated key in a deployment file silently drops the first value.
 
 
-class YamlSubsetError(ValueError):
-    pass
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "\"'" and (i == 0 or line[i - 1] in " [,:{-"):
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _split_flow(text: str) -> list[str]:
-    parts, depth, quote, current = [], 0, None, ""
-    for ch in text:
-        if quote:
-            current += ch
-            if ch == quote:
-                quote = None
-            continue
-        if ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-            continue
-        current += ch
-    if current.strip():
-        parts.append(current.strip())
-    return parts
-
-
-def _scalar(text: str, anchors: dict[str, Any]) -> Any:
-    text = text.strip()
-    if text.startswith("*"):
-        name = text[1:]
-        if name not in anchors:
-            raise YamlSubsetError(f"unknown alias {text}")
-        return anchors[name]
-    if text.startswith('"'):
-        if not text.endswith('"') or len(text) < 2:
-            raise YamlSubsetError(f"unterminated string {text!r}")
-        return json.loads(text)
-    if text.startswith("'"):
-        if not text.endswith("'") or len(text) < 2:
-            raise YamlSubsetError(f"unterminated string {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text.startswith("["):
-        if not text.endswith("]"):
-            raise YamlSubsetError(f"unterminated flow sequence {text!r}")
-        return [_scalar(p, anchors) for p in _split_flow(text[1:-1])]
-    if text.startswith("{"):
-        if not text.endswith("}"):
-            raise YamlSubsetError(f"unterminated flow mapping {text!r}")
-        out = {}
-        for part in _split_flow(text[1:-1]):
-            key, sep, value = part.partition(":")
-            if not sep:
-                raise YamlSubsetError(f"bad flow mapping entry {part!r}")
-            out[str(_scalar(key, anchors))] = _scalar(value, anchors)
-        return out
-    if text[:1] in ("&", "!", "|", ">", "@", "`", "%"):
-        raise YamlSubsetError(f"unsupported scalar {text!r}")
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", text):
-        return float(text)
-    if ": " in text or text.endswith(":") or " #" in text:
-        raise YamlSubsetError(f"ambiguous plain scalar {text!r}")
-    return text
-
-
-def _key_value(content: str) -> tuple[str, str] | None:
-    """``key: value`` / ``key:`` (key plain or quoted), else None."""
-    m = re.match(r"""^("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"'#\[\]{},][^:#]*?)\s*:(?:\s+(.*))?$""", content)
-    if not m:
-        return None
-    key = m.group(1)
-    if key[0] in "\"'":
-        key = _scalar(key, {})
-    return key, (m.group(2) or "")
-
-
-class _Reader:
-    def __init__(self, text: str) -> None:
-        self.raw = text.splitlines()
-        self.lines: list[tuple[int, str, int]] = []
-        for number, line in enumerate(self.raw):
-            if "\t" in line[: len(line) - len(line.lstrip())]:
-                raise YamlSubsetError(f"line {number + 1}: tab indentation")
-            stripped = _strip_comment(line)
-            if stripped.strip() in ("", "---"):
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            self.lines.append((len(stripped) - len(stripped.lstrip()), stripped.strip(), number))
-        self.pos = 0
-        self.anchors: dict[str, Any] = {}
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
-    def parse(self) -> Any:
-        if not self.lines:
-            return None
-        value = self._block(self.lines[0][0])
-        if self.pos != len(self.lines):
-            raise YamlSubsetError(f"line {self.lines[self.pos][2] + 1}: unexpected indentation")
-        return value
 
-    def _block(self, indent: int) -> Any:
-        if self.lines[self.pos][1].startswith("- ") or self.lines[self.pos][1] == "-":
-            return self._sequence(indent)
-        return self._mapping(indent)
-
-    def _child(self, parent_indent: int, raw_value: str, number: int, *, allow_same: bool) -> Any:
-        """The value after ``key:`` / ``- ``: inline, an anchor, a block scalar or a nested block."""
-        anchor = None
-        if raw_value.startswith("&"):
-            anchor, _, raw_value = raw_value.partition(" ")
-            anchor = anchor[1:]
-            raw_value = raw_value.strip()
-        if raw_value in ("|", ">", "|-", ">-"):
-            value: Any = self._block_scalar(parent_indent, raw_value, number)
-        elif raw_value:
-            value = _scalar(raw_value, self.anchors)
-        elif self.pos < len(self.lines) and (
-            self.lines[self.pos][0] > parent_indent
-            or (allow_same and self.lines[self.pos][0] == parent_indent and self.lines[self.pos][1].startswith("- "))
-        ):
-            value = self._block(self.lines[self.pos][0])
-        else:
-            value = None
-        if anchor:
-            self.anchors[anchor] = value
-        return value
-
-    def _block_scalar(self, parent_indent: int, style: str, number: int) -> str:
-        body: list[str] = []
-        i = number + 1
-        while i < len(self.raw):
-            line = self.raw[i]
-            if line.strip() and len(line) - len(line.lstrip()) <= parent_indent:
-                break
-            body.append(line)
-            i += 1
-        while body and not body[-1].strip():
-            body.pop()
-        width = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
-        text_lines = [b[width:] for b in body]
-        while self.pos < len(self.lines) and self.lines[self.pos][2] < i:
-            self.pos += 1
-        text = "\n".join(text_lines) if style.startswith("|") else " ".join(t.strip() for t in text_lines)
-        return text if style.endswith("-") else text + "\n"
-
-    def _mapping(self, indent: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        merged: dict[str, Any] = {}
-        while self.pos < len(self.lines):
-            ind, content, number = self.lines[self.pos]
-            if ind < indent:
-                break
-            if ind > indent:
-                raise YamlSubsetError(f"line {number + 1}: unexpected indentation")
-            kv = _key_value(content)
-            if kv is None or content.startswith("- "):
-                raise YamlSubsetError(f"line {number + 1}: expected 'key: value', got {content!r}")
-            key, raw_value = kv
-            self.pos += 1
-            value = self._child(indent, raw_value.strip(), number, allow_same=True)
-            if key == "<<":
-                if not isinstance(value, dict):
-                    raise YamlSubsetError(f"line {number + 1}: '<<' needs a mapping alias")
-                merged.update(value)
-                continue
-            if key in out:
-                raise YamlSubsetError(f"line {number + 1}: duplicate key {key!r}")
-            out[key] = value
-        return {**merged, **out}
-
-    def _sequence(self, indent: int) -> list[Any]:
-        out: list[Any] = []
-        while self.pos < len(self.lines):
-            ind, content, number = self.lines[self.pos]
-            if ind < indent or not (content.startswith("- ") or content == "-"):
-                if ind > indent:
-                    raise YamlSubsetError(f"line {number + 1}: unexpected indentation")
-                break
-            if ind > indent:
-                raise YamlSubsetError(f"line {number + 1}: unexpected indentation")
-            item = content[1:].strip()
-            if item and _key_value(item) is not None and not item.startswith(("[", "{", '"', "'")):
-                # "- key: value" starts a mapping whose keys sit two columns further in.
-                self.lines[self.pos] = (ind + 2, item, number)
-                out.append(self._mapping(ind + 2))
-            else:
-                self.pos += 1
-                out.append(self._child(ind, item, number, allow_same=False))
-        return out
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def load_yaml(path: Path) -> Any:
-    text = path.read_text()
-    value = _Reader(text).parse()
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError:
-        return value
-    assert yaml.safe_load(text) == value, "the subset reader and PyYAML disagree"
-    return value
+    return parse_yaml(path.read_text())
 
 
-def test_yaml_reader_handles_the_constructs_used() -> None:
+def test_yaml_loader_handles_the_constructs_used() -> None:
     text = """
 base: &b
   a: 1
@@ -290,7 +90,7 @@ text: |
   line 2
 after: "x: y"
 """
-    value = _Reader(text).parse()
+    value = parse_yaml(text)
     assert value == {
         "base": {"a": 1, "l": ["x", "y z", "q's"]},
         "other": {"a": 2, "l": ["x", "y z", "q's"]},
@@ -299,8 +99,8 @@ after: "x: y"
         "after": "x: y",
     }
     for bad in ("a: b: c\n", "a:\n  - x\n   y: 1\n", "a: 1\na: 2\n", "a: *missing\n"):
-        with pytest.raises(YamlSubsetError):
-            _Reader(bad).parse()
+        with pytest.raises(yaml.YAMLError):
+            parse_yaml(bad)
 
 
 # --- Containerfile ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import coredis
 import trio
 
 from gateway.dlq import list_dead_letters, replay_dead_letters
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 
 async def test_invalid_entry_is_dead_lettered_then_replayed_after_repair(

@@ -8,14 +8,14 @@ WebSocket handshake with wsproto and then parses the server's frames itself.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
+from helpers import client_frame, compact
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, Request
 
@@ -23,28 +23,11 @@ from gateway.connection import CLOSE_TIMEOUT
 from gateway.core.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
-
-
-def compact(env: Mapping[str, Any]) -> bytes:
-    return json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def masked(opcode: int, payload: bytes) -> bytes:
-    """A final client frame (clients must mask, RFC 6455 §5.3)."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 0x10000:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 @attrs.frozen
@@ -127,7 +110,7 @@ class RawClient:
         return Frame(raw[0] & 0x0F, raw[header:], raw)
 
     async def send(self, opcode: int, payload: bytes) -> None:
-        await self.stream.send_all(masked(opcode, payload))
+        await self.stream.send_all(client_frame(payload, first=0x80 | opcode))
 
     async def drop(self) -> None:
         """Hang up at the TCP level without a close frame (a lost network, a killed tab)."""

@@ -33,12 +33,11 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from gateway.core import routing
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.model import Event
-from gateway.core.tokens import mint_staff_token
 from gateway.ingest import is_redis_failure, make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient, staff_token
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
@@ -290,8 +289,7 @@ async def test_gateway_killed_and_restarted_loses_no_event(
         "LOG_FORMAT": "json",
     })
     proc = GatewayProcess(env, tmp_path / "gateway.log")
-    token = mint_staff_token(secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                             user_id=1, tenant_id=1, branch_ids=[2], roles=["ADMIN"], ttl=3600)
+    token = staff_token(settings, 1, roles=("ADMIN",), ttl=3600)
     group = f"{settings.group_prefix}:crash-test"
     rec = Recorder(total)
     client = make_client(redis.url)

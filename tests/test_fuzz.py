@@ -10,10 +10,11 @@ import logging
 
 import pytest
 import trio
+from helpers import client_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
 
 # Each example gets a fresh gateway (about 0.2 s to start): Hypothesis drives examples from a
 # plain function, and pytest-trio's fixtures do not span examples.
@@ -74,22 +75,14 @@ def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
     return bytes(data)
 
 
-def frame(payload: bytes, first: int = 0x81) -> bytes:
-    mask = b"\x01\x02\x03\x04"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    head = bytes([first, 0x80 | n]) if n < 126 else bytes([first, 0xFE]) + n.to_bytes(2, "big")
-    return head + mask + body
-
-
 FRAMES = [
-    frame(b'{"type":"ping"}'),
-    frame(b"ping"),
-    frame(b'{"type":"ping","x":' + b"[" * 900),
-    frame(b"p" * 125, first=0x89),
-    frame(b"{", first=0x01) + frame(b"}", first=0x80),
-    frame(b"\x03\xe8bye", first=0x88),
-    frame(b"refresh_sectors"),
+    client_frame(b'{"type":"ping"}'),
+    client_frame(b"ping"),
+    client_frame(b'{"type":"ping","x":' + b"[" * 900),
+    client_frame(b"p" * 125, first=0x89),
+    client_frame(b"{", first=0x01) + client_frame(b"}", first=0x80),
+    client_frame(b"\x03\xe8bye", first=0x88),
+    client_frame(b"refresh_sectors"),
 ]
 
 

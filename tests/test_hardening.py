@@ -22,35 +22,21 @@ import attrs
 import httpx
 import pytest
 import trio
+from helpers import client_frame, dev_staff_token
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
-from gateway.core.tokens import mint_staff_token
 from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN
+from gateway_testing import DEFAULT_ORIGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTACK_BYTES = int(os.environ.get("HARDENING_ATTACK_MIB", "24")) * 1024 * 1024
-DEV = Settings.from_env({"ENVIRONMENT": "development"})
+DEV = Settings.from_env({"ENVIRONMENT": "development"}, serving=False)
 
 
-def staff_token(user: int) -> str:
-    return mint_staff_token(secret=DEV.jwt_secret, issuer=DEV.jwt_issuer, audience=DEV.jwt_audience,
-                            user_id=user, tenant_id=1, branch_ids=[2], roles=["WAITER"])
-
-
-def masked(first: int, payload: bytes) -> bytes:
-    """A client frame (masked, as RFC 6455 requires), any opcode and FIN bit."""
-    mask = b"\x11\x22\x33\x44"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    head = bytes([first, 0x80 | n]) if n < 126 else bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
-    return head + mask + body
-
-
-PING = masked(0x89, b"p" * 125)
+PING = client_frame(first=0x89, payload=b"p" * 125)
 
 
 @attrs.define
@@ -121,7 +107,7 @@ async def raw_socket(gw: Gateway, user: int) -> trio.SocketStream:
     """An admitted waiter socket over raw TCP, so the test can send frames no library would."""
     stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
     ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target=f"/ws/waiter?token={staff_token(user)}",
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target=f"/ws/waiter?token={dev_staff_token(user)}",
                                           extra_headers=[(b"origin", DEFAULT_ORIGIN.encode())])))
     with trio.fail_after(10):
         while True:
@@ -146,7 +132,7 @@ async def flood(stream: trio.SocketStream, chunk: bytes, total: int) -> int:
 
 async def assert_served(gw: Gateway, user: int) -> None:
     """A bystander on its own socket still gets its pong."""
-    url = f"ws://127.0.0.1:{gw.port}/ws/waiter?token={staff_token(user)}"
+    url = f"ws://127.0.0.1:{gw.port}/ws/waiter?token={dev_staff_token(user)}"
     async with open_websocket_url(url, extra_headers=[("Origin", DEFAULT_ORIGIN)]) as ws:
         with trio.fail_after(10):
             await ws.send_message('{"type":"ping"}')
@@ -192,8 +178,8 @@ async def test_endless_fragmented_message_is_closed(tmp_path: Path, redis_url: s
     async with gateway_process(tmp_path, redis_url, **NO_RATE_LIMIT) as gw:
         before = gw.rss_kib()
         attacker = await raw_socket(gw, user=1)
-        start = masked(0x01, b"{")
-        fragments = (masked(0x00, b"") * 50 + PING) * 2000
+        start = client_frame(first=0x01, payload=b"{")
+        fragments = (client_frame(first=0x00, payload=b"") * 50 + PING) * 2000
         async with trio.open_nursery() as nursery:
             nursery.start_soon(assert_served, gw, 3)
             await attacker.send_all(start)
@@ -209,7 +195,7 @@ async def test_endless_fragmented_message_is_closed(tmp_path: Path, redis_url: s
 async def test_fragments_count_in_the_rate_limit(tmp_path: Path, redis_url: str) -> None:
     async with gateway_process(tmp_path, redis_url) as gw:
         attacker = await raw_socket(gw, user=1)
-        await attacker.send_all(masked(0x01, b"{") + masked(0x00, b"") * 40)
+        await attacker.send_all(client_frame(first=0x01, payload=b"{") + client_frame(first=0x00, payload=b"") * 40)
         with trio.fail_after(10):
             closes = 0.0
             while closes != 1:  # polling another process's metrics: no event to wait on
@@ -220,7 +206,7 @@ async def test_fragments_count_in_the_rate_limit(tmp_path: Path, redis_url: str)
 
 async def test_deeply_nested_json_ping_is_just_another_message(tmp_path: Path, redis_url: str) -> None:
     async with gateway_process(tmp_path, redis_url) as gw:
-        url = f"ws://127.0.0.1:{gw.port}/ws/waiter?token={staff_token(1)}"
+        url = f"ws://127.0.0.1:{gw.port}/ws/waiter?token={dev_staff_token(1)}"
         async with open_websocket_url(url, extra_headers=[("Origin", DEFAULT_ORIGIN)]) as ws:
             await ws.send_message('{"type":"ping","x":' + "[" * 1000)
             await ws.send_message('{"type":"ping"}')

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import trio
 
-from gateway.testing import GatewayHandle
+from gateway_testing import GatewayHandle
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 BARE_503 = b"HTTP/1.1 503 Service Unavailable\r\n"

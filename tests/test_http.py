@@ -20,7 +20,7 @@ import trio
 
 from gateway.ingest import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

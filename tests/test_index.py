@@ -6,6 +6,7 @@ import random
 from collections.abc import Iterable
 
 import pytest
+from helpers import diner
 
 from gateway.core.index import ConnectionIndex
 from gateway.core.model import ENDPOINTS, Endpoint, Principal
@@ -25,10 +26,6 @@ def admin(tenant: int, user: int, branches: set[int], endpoint: Endpoint = "admi
 
 def kitchen(tenant: int, user: int, branches: set[int]) -> Principal:
     return Principal("kitchen", tenant, user, frozenset(branches), is_kitchen=True)
-
-
-def diner(tenant: int, branch: int, session: int) -> Principal:
-    return Principal("diner", tenant, -session, frozenset({branch}), session_id=session)
 
 
 def test_add_and_query() -> None:

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from gateway.logs import JsonFormatter, RateLimitedLog, TextFormatter, redact, redact_target
-from gateway.testing import GatewayHandle
+from gateway_testing import GatewayHandle
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI3In0.c2lnbmF0dXJl"
 

@@ -35,16 +35,16 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import trio
+from helpers import dev_staff_token
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
-from gateway.client import ConnectionState, GatewayClient, HttpError, http_get
 from gateway.core.events import encode_envelope, envelope
-from gateway.core.tokens import mint_staff_token
 from gateway.ingest import make_client
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import free_port
-from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN
+from gateway.settings import settings_fields
+from gateway_client import ConnectionState, GatewayClient, HttpError, http_get
+from gateway_testing import DEFAULT_ORIGIN
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "docs" / "deploy" / "nginx.conf"
@@ -321,12 +321,6 @@ async def cluster(tmp_path: Path, redis_url: str, *, untrusted_extra: bool = Fal
 # --- clients ------------------------------------------------------------------------------------
 
 
-def staff_token(user: int) -> str:
-    defaults = Settings.from_env({}, serving=False)  # what a gateway without JWT settings uses
-    return mint_staff_token(secret=defaults.jwt_secret, issuer=defaults.jwt_issuer, audience=defaults.jwt_audience,
-                            user_id=user, tenant_id=TENANT, branch_ids=[BRANCH], roles=["WAITER"])
-
-
 async def open_ws(nursery: trio.Nursery, base: str, query: str, *, origin: str | None = DEFAULT_ORIGIN,
                   headers: Sequence[tuple[bytes, bytes]] = ()) -> WebSocketConnection:
     extra = [(b"Origin", origin.encode())] if origin is not None else []
@@ -399,7 +393,7 @@ async def test_websocket_upgrade_and_headers_pass_through_nginx(tmp_path: Path, 
                                                               nursery: trio.Nursery) -> None:
     async with cluster(tmp_path, redis_url) as c:
         assert await status_of(f"{c.http_base}/ws/health") == 200
-        ws = await open_ws(nursery, c.ws_base, f"token={staff_token(7)}")
+        ws = await open_ws(nursery, c.ws_base, f"token={dev_staff_token(7)}")
         await pong(ws)
         await ws.aclose()
 
@@ -410,7 +404,7 @@ async def test_websocket_upgrade_and_headers_pass_through_nginx(tmp_path: Path, 
         missing = await open_ws(nursery, c.ws_base, "")
         assert (await close_of(missing))[0] == 4001
         # The Origin header reaches the gateway (without it, development mode would accept).
-        foreign = await open_ws(nursery, c.ws_base, f"token={staff_token(7)}", origin="https://evil.example")
+        foreign = await open_ws(nursery, c.ws_base, f"token={dev_staff_token(7)}", origin="https://evil.example")
         assert await close_of(foreign) == (4003, "Origin not allowed")
 
 
@@ -425,7 +419,7 @@ async def test_every_stream_event_reaches_the_clients_of_both_instances_once(
         users = iter(range(100, 200))
 
         async def connect() -> WebSocketConnection:
-            ws = await open_ws(nursery, c.ws_base, f"token={staff_token(next(users))}")
+            ws = await open_ws(nursery, c.ws_base, f"token={dev_staff_token(next(users))}")
             await pong(ws)
             return ws
 
@@ -509,7 +503,7 @@ async def test_drain_moves_clients_to_the_other_instance_without_losing_events(
         users = iter(range(300, 400))
 
         async def connect() -> Tracked:
-            client = GatewayClient(c.http_base, "waiter", staff_token(next(users)), origin=DEFAULT_ORIGIN,
+            client = GatewayClient(c.http_base, "waiter", dev_staff_token(next(users)), origin=DEFAULT_ORIGIN,
                                    branch_id=BRANCH, backoff_base=0.05, backoff_cap=0.5, connect_timeout=5.0)
             tracked = Tracked(client, run)
             client.on("*", tracked.on_event)
@@ -576,7 +570,7 @@ async def test_new_sockets_during_a_drain_go_to_the_other_instance(tmp_path: Pat
         users = iter(range(600, 700))
 
         async def connect() -> WebSocketConnection:
-            ws = await open_ws(nursery, c.ws_base, f"token={staff_token(next(users))}")
+            ws = await open_ws(nursery, c.ws_base, f"token={dev_staff_token(next(users))}")
             await pong(ws)
             return ws
 
@@ -621,7 +615,7 @@ async def test_nginx_never_logs_a_token_when_an_upstream_fails(tmp_path: Path, r
         # naming it), then look for tokens in everything nginx wrote.
         with trio.move_on_after(STEP_TIMEOUT):
             while f"127.0.0.1:{dead.port}" not in since_kill():
-                tokens.append(staff_token(800 + len(tokens)))
+                tokens.append(dev_staff_token(800 + len(tokens)))
                 ws = await open_ws(nursery, c.ws_base, f"token={tokens[-1]}")
                 await pong(ws)
                 await ws.aclose()
@@ -645,7 +639,7 @@ async def test_client_address_is_the_forwarded_one_and_forgery_is_ignored(
         # Through nginx: it appends its peer (127.0.0.1, trusted) to the client's header, so the
         # right-most untrusted hop is the address the client sent.
         async def connect(user: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> WebSocketConnection:
-            ws = await open_ws(nursery, c.ws_base, f"token={staff_token(user)}", headers=headers)
+            ws = await open_ws(nursery, c.ws_base, f"token={dev_staff_token(user)}", headers=headers)
             await pong(ws)
             return ws
 
@@ -660,7 +654,7 @@ async def test_client_address_is_the_forwarded_one_and_forgery_is_ignored(
 
         # Straight to a gateway that trusts no proxy, with a forged header: not believed.
         direct = c.extra[0]
-        forged = await open_ws(nursery, f"ws://127.0.0.1:{direct.port}", f"token={staff_token(503)}",
+        forged = await open_ws(nursery, f"ws://127.0.0.1:{direct.port}", f"token={dev_staff_token(503)}",
                                headers=[(b"X-Forwarded-For", FORWARDED.encode())])
         await pong(forged)
         record = await direct.wait_log(registered(503))

@@ -21,13 +21,13 @@ import attrs
 import httpx
 import pytest
 import trio
+from helpers import dev_staff_token
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from gateway.app import run_gateway
-from gateway.core.tokens import mint_staff_token
 from gateway.redis_server import free_port
-from gateway.settings import Settings, settings_fields
-from gateway.testing import DEFAULT_ORIGIN, test_settings
+from gateway.settings import settings_fields
+from gateway_testing import DEFAULT_ORIGIN, test_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Generous: the script may first (re)install the package into .venv.
@@ -42,13 +42,6 @@ def serve_env(**variables: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in names}
     env.update(variables)
     return env
-
-
-def staff_token(user: int) -> str:
-    # The development defaults, which a gateway started without configuration uses.
-    defaults = Settings.from_env({"ENVIRONMENT": "development"})
-    return mint_staff_token(secret=defaults.jwt_secret, issuer=defaults.jwt_issuer, audience=defaults.jwt_audience,
-                            user_id=user, tenant_id=1, branch_ids=[2], roles=["WAITER"])
 
 
 def children(pid: int) -> dict[int, str]:
@@ -141,7 +134,7 @@ def _cwd(pid: int) -> str | None:
 
 
 async def open_socket(nursery: trio.Nursery, handle: Served, user: int) -> WebSocketConnection:
-    ws = await connect_websocket_url(nursery, f"ws://127.0.0.1:{handle.port}/ws/waiter?token={staff_token(user)}",
+    ws = await connect_websocket_url(nursery, f"ws://127.0.0.1:{handle.port}/ws/waiter?token={dev_staff_token(user)}",
                                      extra_headers=[(b"Origin", DEFAULT_ORIGIN.encode())])
     # A pong means the socket passed authentication and is registered.
     await ws.send_message("ping")

@@ -14,7 +14,7 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
 
 
 async def attempt(handle: GatewayHandle, token: str) -> int:

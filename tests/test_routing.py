@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import diner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,17 +31,6 @@ def staff(
         is_admin=admin,
         is_kitchen=kitchen,
         sector_ids=frozenset(sectors),
-    )
-
-
-def diner(tenant: int, branch: int, session: int) -> Principal:
-    return Principal(
-        endpoint="diner",
-        tenant_id=tenant,
-        user_id=-session,
-        branch_ids=frozenset({branch}),
-        session_id=session,
-        table_id=session + 1000,
     )
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import compact
 
-from gateway.testing import GatewayHandle, Publisher, WSClient
+from gateway_testing import GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'
 
@@ -63,10 +64,6 @@ T2 = frozenset({"t2_admin", "t2_waiter", "t2_diner9"})
 
 ENTITY = {"round_id": 41, "round_number": 2, "note": "Mesa junto a la ventana — café ☕"}
 ACTOR = {"user_id": 7, "role": "WAITER"}
-
-
-def compact(env: Mapping[str, Any]) -> bytes:
-    return json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def with_internal_fields(env: Mapping[str, Any]) -> dict[str, Any]:

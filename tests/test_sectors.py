@@ -23,7 +23,7 @@ from pg import PostgresCluster
 from gateway.core.events import envelope
 from gateway.ingest import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import GatewayHandle, Publisher, WSClient
+from gateway_testing import GatewayHandle, Publisher, WSClient
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 

@@ -1,4 +1,4 @@
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 
 async def test_stream_event_reaches_waiter(gateway: GatewayHandle, publisher: Publisher) -> None:

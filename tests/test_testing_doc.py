@@ -1,9 +1,10 @@
 """The complete example in docs/testing.md runs, as written, against the real gateway."""
 
+import importlib.metadata
 import pathlib
 import re
 
-from gateway.testing import GatewayHandle, Publisher
+from gateway_testing import GatewayHandle, Publisher
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "testing.md"
 
@@ -22,3 +23,16 @@ async def test_doc_example_round_flow(gateway: GatewayHandle, publisher: Publish
 
 async def test_doc_example_bad_token(gateway: GatewayHandle) -> None:
     await _example()["test_a_bad_token_is_refused_with_4001"](gateway)  # type: ignore[operator]
+
+
+def test_doc_enables_the_plugin_the_way_this_suite_does() -> None:
+    shown = re.search(r"```python\n# tests/conftest.py\n(.*?)```", DOC.read_text(), re.S)
+    assert shown is not None, "docs/testing.md lost its conftest example"
+    conftest = (DOC.parent.parent / "tests" / "conftest.py").read_text()
+    assert shown.group(1).strip() in conftest
+
+
+def test_the_plugin_is_opt_in() -> None:
+    # No pytest11 entry point: installing gateway[testing] adds no fixture to other suites.
+    plugins = importlib.metadata.entry_points(group="pytest11")
+    assert not [ep for ep in plugins if ep.value.split(":")[0].startswith(("gateway", "gateway_testing"))]

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
 import trio
+from helpers import metric_value
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 
 PONG = '{"type":"pong"}'
-
-
-def value(metric: Any, *labels: str) -> float:
-    child = metric.labels(*labels) if labels else metric
-    return float(child._value.get())
 
 
 async def refused_upgrade(handle: GatewayHandle, endpoint: str, token: str) -> tuple[int, str, bytes | None]:
@@ -70,9 +65,9 @@ async def test_fourth_socket_of_a_staff_user_is_refused_429(gateway: GatewayHand
     assert await refused_upgrade(gateway, "waiter", token) == TOO_MANY
     await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
-    assert value(gateway.gw.metrics.rejections, "limit_user") == 1
-    assert value(gateway.gw.metrics.http_requests, "websocket", "429") == 1
-    assert value(gateway.gw.metrics.closes, "1008") == 0
+    assert metric_value(gateway.gw.metrics.rejections, "limit_user") == 1
+    assert metric_value(gateway.gw.metrics.http_requests, "websocket", "429") == 1
+    assert metric_value(gateway.gw.metrics.closes, "1008") == 0
     # The legacy "limit" line counts only the process-wide limit, as the existing gateway did.
     assert await legacy_rejections(gateway, "limit") == "0"
     for client in first:
@@ -122,7 +117,7 @@ async def test_concurrent_connects_of_one_user_admit_exactly_the_limit(gateway: 
     assert sorted(outcomes) == ["1008 Too many connections"] * 5 + ["served"] * 3
     await gateway.settled(3)
     assert gateway.gw.index.count_user(1, 7) == 3
-    assert value(gateway.gw.metrics.rejections, "limit_user") == 5
+    assert metric_value(gateway.gw.metrics.rejections, "limit_user") == 5
 
 
 # --- per table session (default 10) ------------------------------------------------------------
@@ -136,7 +131,7 @@ async def test_eleventh_diner_of_a_session_is_refused_429(gateway: GatewayHandle
     assert await refused_upgrade(gateway, "diner", gateway.table_token(session=9)) == TOO_MANY
     await gateway.settled(11)
     assert gateway.gw.index.count_session(1, 9) == 10
-    assert value(gateway.gw.metrics.rejections, "limit_session") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "limit_session") == 1
     for client in [staff, *diners]:
         await client.still_served()
     other_session = await gateway.connect("diner", gateway.table_token(session=10))
@@ -165,8 +160,8 @@ async def test_total_limit_is_refused_503_and_a_freed_slot_is_reused(gateway_fac
     await handle.connected(2)
     assert await refused_upgrade(handle, "kitchen", handle.staff_token(user=2, roles=("KITCHEN",))) == TRY_LATER
     await handle.settled(2)
-    assert value(handle.gw.metrics.rejections, "limit_total") == 1
-    assert value(handle.gw.metrics.closes, "1013") == 0
+    assert metric_value(handle.gw.metrics.rejections, "limit_total") == 1
+    assert metric_value(handle.gw.metrics.closes, "1013") == 0
     assert await legacy_rejections(handle, "limit") == "1"
     await waiter.still_served()
     await diner.still_served()
@@ -195,7 +190,7 @@ async def test_credentials_are_checked_before_the_total_limit(gateway_factory: F
     wrong_role = await handle.connect("admin", handle.staff_token(user=2))
     assert await wrong_role.closed() == (4003, "Access denied")
     await handle.settled(1)
-    assert value(handle.gw.metrics.rejections, "limit_total") == 0
+    assert metric_value(handle.gw.metrics.rejections, "limit_total") == 0
     await first.still_served()
 
 

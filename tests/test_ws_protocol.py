@@ -20,13 +20,14 @@ import coredis
 import httpx
 import pytest
 import trio
+from helpers import client_frame, metric_value
 from trio_websocket import ConnectionRejected, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Request
 
 from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
 from gateway.redis_server import RedisConfig, RedisProcess
-from gateway.testing import (
+from gateway_testing import (
     DEFAULT_ORIGIN,
     GatewayHandle,
     Publisher,
@@ -41,12 +42,6 @@ PONG = '{"type":"pong"}'
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def value(metric: Any, *labels: str) -> float:
-    """Current value of a prometheus counter (or of one labelled child)."""
-    child = metric.labels(*labels) if labels else metric
-    return float(child._value.get())
 
 
 async def bystander(handle: GatewayHandle) -> WSClient:
@@ -132,16 +127,6 @@ class RawSocket:
         return event
 
 
-def client_frame(payload: bytes, *, first: int = 0x81, masked: bool = True) -> bytes:
-    # Hand-made because client libraries refuse to send malformed frames.
-    assert len(payload) < 126
-    if not masked:
-        return bytes([first, len(payload)]) + payload
-    mask = b"\x37\xfa\x21\x3d"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([first, 0x80 | len(payload)]) + mask + body
-
-
 # --- ping / pong (§3.1, D6) --------------------------------------------------------------------
 
 
@@ -153,7 +138,7 @@ async def test_every_ping_form_gets_exactly_the_pong(gateway: GatewayHandle) -> 
         await client.send(form)
         with trio.fail_after(5):
             assert await client.ws.get_message() == PONG
-    assert value(gateway.gw.metrics.inbound_messages, "ping") == len(forms)
+    assert metric_value(gateway.gw.metrics.inbound_messages, "ping") == len(forms)
 
 
 @pytest.mark.parametrize("endpoint", ["kitchen", "admin", "diner"])
@@ -175,7 +160,7 @@ async def test_other_text_gets_no_reply_and_keeps_the_socket(gateway: GatewayHan
     for text in others:
         await client.send(text)
     await client.still_served()
-    assert value(gateway.gw.metrics.inbound_messages, "other") == len(others)
+    assert metric_value(gateway.gw.metrics.inbound_messages, "other") == len(others)
     assert len(gateway.gw.index) == 1
 
 
@@ -208,7 +193,7 @@ async def test_missing_token_closes_4001(gateway: GatewayHandle, endpoint: str, 
     other = await bystander(gateway)
     client = await gateway.connect(endpoint, query=query)
     await expect_rejected(gateway, client, 4001, "Missing token")
-    assert value(gateway.gw.metrics.rejections, "missing_token") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "missing_token") == 1
     await other.still_served()
 
 
@@ -271,8 +256,8 @@ async def test_bad_staff_token_closes_4001(
     other = await bystander(gateway)
     client = await gateway.connect("waiter", make_token(gateway))
     await expect_rejected(gateway, client, 4001, "Authentication failed")
-    assert value(gateway.gw.metrics.rejections, metric_reason) == 1
-    assert value(gateway.gw.metrics.closes, "4001") == 1
+    assert metric_value(gateway.gw.metrics.rejections, metric_reason) == 1
+    assert metric_value(gateway.gw.metrics.closes, "4001") == 1
     assert 'wsgateway_connections_rejected_total{reason="auth"} 1' in await metrics_text(gateway)
     await other.still_served()
 
@@ -294,7 +279,7 @@ async def test_role_missing_for_endpoint_closes_4003(
     other = await bystander(gateway)
     client = await gateway.connect(endpoint, gateway.staff_token(user=1, roles=roles))
     await expect_rejected(gateway, client, 4003, "Access denied")
-    assert value(gateway.gw.metrics.rejections, "role") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "role") == 1
     await other.still_served()
 
 
@@ -315,7 +300,7 @@ async def test_role_table_accepts(gateway: GatewayHandle, endpoint: str, roles: 
     client = await gateway.connect(endpoint, gateway.staff_token(roles=roles))
     await gateway.connected(1)
     await client.still_served()
-    assert value(gateway.gw.metrics.connections_opened, endpoint) == 1
+    assert metric_value(gateway.gw.metrics.connections_opened, endpoint) == 1
 
 
 def _table_forged(h: GatewayHandle) -> str:
@@ -364,7 +349,7 @@ async def test_bad_table_token_closes_4001(
     other = await bystander(gateway)
     client = await gateway.connect("diner", make_token(gateway))
     await expect_rejected(gateway, client, 4001, "Authentication failed")
-    assert value(gateway.gw.metrics.rejections, metric_reason) == 1
+    assert metric_value(gateway.gw.metrics.rejections, metric_reason) == 1
     await other.still_served()
 
 
@@ -375,7 +360,7 @@ async def test_legacy_table_token_is_accepted(gateway: GatewayHandle) -> None:
     await gateway.connected(1)
     await client.still_served()
     assert gateway.gw.index.count_session(1, 9) == 1
-    assert value(gateway.gw.metrics.connections_opened, "diner") == 1
+    assert metric_value(gateway.gw.metrics.connections_opened, "diner") == 1
 
 
 # --- Origin (D2) -------------------------------------------------------------------------------
@@ -389,7 +374,7 @@ async def test_unlisted_origin_closes_4003(gateway: GatewayHandle, origin: str) 
     other = await bystander(gateway)
     client = await gateway.connect("waiter", gateway.staff_token(user=1), origin=origin)
     await expect_rejected(gateway, client, 4003, "Origin not allowed")
-    assert value(gateway.gw.metrics.rejections, "origin") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "origin") == 1
     await other.still_served()
 
 
@@ -413,7 +398,7 @@ async def test_missing_origin_refused_with_production_check(gateway_factory: Fac
     other = await bystander(handle)
     client = await handle.connect("waiter", handle.staff_token(user=1), origin=None)
     await expect_rejected(handle, client, 4003, "Origin not allowed")
-    assert value(handle.gw.metrics.rejections, "origin") == 1
+    assert metric_value(handle.gw.metrics.rejections, "origin") == 1
     # An empty header counts as missing.
     empty = await handle.connect("waiter", handle.staff_token(user=2), origin="")
     await expect_rejected(handle, empty, 4003, "Origin not allowed")
@@ -428,7 +413,7 @@ async def test_allowed_origins_setting_replaces_the_defaults(gateway_factory: Fa
     await expect_rejected(handle, default, 4003, "Origin not allowed")
     https = await handle.connect("waiter", handle.staff_token(user=3), origin="https://a.test")
     await expect_rejected(handle, https, 4003, "Origin not allowed")
-    assert value(handle.gw.metrics.rejections, "origin") == 2
+    assert metric_value(handle.gw.metrics.rejections, "origin") == 2
     await client.still_served()
 
 
@@ -441,8 +426,8 @@ async def test_binary_frame_closes_1003(gateway: GatewayHandle) -> None:
     await gateway.connected(2)
     await client.ws.send_message(b"ping")
     await expect_rejected(gateway, client, 1003, "Binary frames are not supported")
-    assert value(gateway.gw.metrics.frames_rejected, "binary") == 1
-    assert value(gateway.gw.metrics.closes, "1003") == 1
+    assert metric_value(gateway.gw.metrics.frames_rejected, "binary") == 1
+    assert metric_value(gateway.gw.metrics.closes, "1003") == 1
     await other.still_served()
 
 
@@ -456,8 +441,8 @@ async def test_text_limit_counts_characters(gateway: GatewayHandle, char: str) -
     await client.still_served()
     await client.send(char * 65537)
     await expect_rejected(gateway, client, 1009, "Message too large")
-    assert value(gateway.gw.metrics.frames_rejected, "too_large") == 1
-    assert value(gateway.gw.metrics.inbound_messages, "other") == 1
+    assert metric_value(gateway.gw.metrics.frames_rejected, "too_large") == 1
+    assert metric_value(gateway.gw.metrics.inbound_messages, "other") == 1
     await other.still_served()
 
 
@@ -485,8 +470,8 @@ async def test_malformed_frame_fails_the_connection(
     assert (close.code, close.reason) == (code, reason)
     # The server hangs up once the client answered, without waiting for its close timeout.
     await gateway.settled(1)
-    assert value(gateway.gw.metrics.frames_rejected, metric_reason) == 1
-    assert value(gateway.gw.metrics.closes, str(code)) == 1
+    assert metric_value(gateway.gw.metrics.frames_rejected, metric_reason) == 1
+    assert metric_value(gateway.gw.metrics.closes, str(code)) == 1
     await other.still_served()
 
 
@@ -513,7 +498,7 @@ async def test_more_than_30_messages_in_the_window_closes_4029(gateway_factory: 
             assert await client.ws.get_message() == PONG
     await client.send("ping")
     await expect_rejected(handle, client, 4029, "Rate limit exceeded")
-    assert value(handle.gw.metrics.frames_rejected, "rate_limited") == 1
+    assert metric_value(handle.gw.metrics.frames_rejected, "rate_limited") == 1
     assert 'wsgateway_connections_rejected_total{reason="rate_limit"} 1' in await metrics_text(handle)
     await other.still_served()
 
@@ -559,7 +544,7 @@ async def test_silent_socket_closed_1001_while_pinging_ones_stay(gateway_factory
         stop.set()
     assert result == (1001, "Heartbeat timeout")
     await handle.settled(2)
-    assert value(handle.gw.metrics.closes, "1001") == 1
+    assert metric_value(handle.gw.metrics.closes, "1001") == 1
     await text_pinger.still_served()
     await protocol_pinger.still_served()
 
@@ -573,7 +558,7 @@ async def test_staff_socket_closed_at_token_expiry(gateway: GatewayHandle) -> No
     await gateway.connected(2)
     # No message is sent: the expiry is enforced by the server's own deadline.
     await expect_rejected(gateway, client, 4001, "Token expired or revoked")
-    assert value(gateway.gw.metrics.closes, "4001") == 1
+    assert metric_value(gateway.gw.metrics.closes, "4001") == 1
     await other.still_served()
 
 
@@ -586,7 +571,7 @@ async def test_diner_socket_closed_at_table_token_expiry(gateway: GatewayHandle,
     client = await gateway.connect("diner", token)
     await gateway.connected(2)
     await expect_rejected(gateway, client, 4001, "Token expired")
-    assert value(gateway.gw.metrics.closes, "4001") == 1
+    assert metric_value(gateway.gw.metrics.closes, "4001") == 1
     await other.still_served()
 
 
@@ -601,7 +586,7 @@ async def test_blacklisted_jti_closes_open_socket(gateway_factory: Factory, redi
     await client.still_served()
     await redis_set(redis_url, "auth:token:blacklist:jti-to-revoke", "1")
     await expect_rejected(handle, client, 4001, "Token expired or revoked")
-    assert value(handle.gw.metrics.closes, "4001") == 1
+    assert metric_value(handle.gw.metrics.closes, "4001") == 1
     await other.still_served()
 
 
@@ -614,7 +599,7 @@ async def test_user_revocation_after_iat_closes_open_socket(gateway_factory: Fac
     revoked_at = datetime.fromtimestamp(issued + 1, UTC).isoformat()
     await redis_set(redis_url, "auth:user:revoked:1", revoked_at)
     await expect_rejected(handle, client, 4001, "Token expired or revoked")
-    assert value(handle.gw.metrics.closes, "4001") == 1
+    assert metric_value(handle.gw.metrics.closes, "4001") == 1
     await other.still_served()
 
 
@@ -647,7 +632,7 @@ async def test_revoked_token_refused_at_connect(gateway: GatewayHandle, redis_ur
         await redis_set(redis_url, "auth:user:revoked:1", datetime.fromtimestamp(issued + 1, UTC).isoformat())
     client = await gateway.connect("waiter", token)
     await expect_rejected(gateway, client, 4001, "Token expired or revoked")
-    assert value(gateway.gw.metrics.rejections, "revoked") == 1
+    assert metric_value(gateway.gw.metrics.rejections, "revoked") == 1
     assert gateway.gw.legacy["auth"] == 1
     await other.still_served()
 
@@ -669,10 +654,10 @@ async def test_redis_down_at_connect_is_refused_503_and_open_sockets_stay() -> N
                     pass
             assert info.value.status_code == 503
             assert dict(info.value.headers)[b"retry-after"] == b"2"
-            assert value(handle.gw.metrics.rejections, "redis_unavailable") == 1
+            assert metric_value(handle.gw.metrics.rejections, "redis_unavailable") == 1
             # An outage is not a credential problem: the legacy auth counter stays put.
             assert handle.gw.legacy["auth"] == 0
-            assert value(handle.gw.metrics.closes, "4001") == 0
+            assert metric_value(handle.gw.metrics.closes, "4001") == 0
             await other.still_served()
             # Diners need no revocation check, so they still get in.
             diner = await handle.connect("diner", handle.table_token())
@@ -689,7 +674,7 @@ async def test_refresh_sectors_on_waiter_replies_with_sectors(gateway: GatewayHa
     await client.send("refresh_sectors")
     with trio.fail_after(5):
         assert await client.ws.get_message() == "sectors_updated:3,7"
-    assert value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 1
+    assert metric_value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 1
     await client.still_served()
 
 
@@ -709,7 +694,7 @@ async def test_refresh_sectors_ignored_elsewhere(gateway: GatewayHandle, endpoin
     await gateway.connected(1)
     await client.send("refresh_sectors")
     await client.still_served()
-    assert value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 0
+    assert metric_value(gateway.gw.metrics.inbound_messages, "refresh_sectors") == 0
 
 
 # --- client-initiated close --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Circuit breaker and reconnect backoff for the Redis paths (D15).
+"""Circuit breaker for the Redis paths (D15); their reconnect backoff is ``gateway.core.backoff``.
 
 The existing breaker never left the open state (§5.1 BUG); here the open state expires lazily on
 any read, so nothing has to remember to move it to half-open.
@@ -7,10 +7,13 @@ any read, so nothing has to remember to move it to half-open.
 from __future__ import annotations
 
 import enum
-import random
 from collections.abc import Callable
 
 import attrs
+
+from gateway.core.backoff import Backoff
+
+__all__ = ["Backoff", "BreakerState", "CircuitBreaker", "TransitionHook"]
 
 
 class BreakerState(enum.Enum):
@@ -127,36 +130,3 @@ class CircuitBreaker:
             self.failure_count = 0
         if self.on_transition is not None:
             self.on_transition(self.name, old, new)
-
-
-def _rng_or_default(rng: random.Random | None) -> random.Random:
-    return rng if rng is not None else random.Random()
-
-
-@attrs.define
-class Backoff:
-    """Exponential backoff with jitter: ``base * 2**n`` capped at ``cap``, plus up to ``jitter``
-    of that at random so reconnecting instances spread out. ``reset`` after a success."""
-
-    base: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
-    cap: float = attrs.field(default=30.0)
-    jitter: float = attrs.field(default=0.3, validator=attrs.validators.ge(0))
-    rng: random.Random = attrs.field(default=None, converter=_rng_or_default)
-    attempt: int = attrs.field(default=0, init=False)
-
-    @cap.validator
-    def _check_cap(self, _: attrs.Attribute[float], value: float) -> None:
-        if value < self.base:
-            raise ValueError("cap must be at least base")
-
-    def next_delay(self) -> float:
-        delay = self.base * (1 << self.attempt)
-        if delay >= self.cap:
-            delay = self.cap
-        else:
-            # Stops growing once capped: an outage of days must not overflow the float.
-            self.attempt += 1
-        return delay + delay * self.jitter * self.rng.random()
-
-    def reset(self) -> None:
-        self.attempt = 0

@@ -1,4 +1,5 @@
-"""The one table of WebSocket close codes and reasons the gateway sends.
+"""The one table of WebSocket close codes and reasons: those the gateway sends, and those its
+clients send or record (the Python client ``gateway_client`` takes them from here).
 
 Codes 4001, 4003 and 4029 are final for the existing clients (no reconnect); every other code
 makes them reconnect with backoff. Reasons are short, fixed and never carry input or secrets.
@@ -38,3 +39,13 @@ RATE_LIMITED = Close(4029, "Rate limit exceeded")
 
 #: Codes after which the existing clients stop reconnecting.
 FINAL_CODES = frozenset({4001, 4003, 4029})
+
+# --- sent by clients, never by the gateway (docs/client.md) ---
+#: No pong within the pong timeout; not final, the client reconnects with backoff.
+CLIENT_HEARTBEAT_TIMEOUT = Close(4000, "Heartbeat timeout")
+#: The client replaces its socket to use a refreshed token, and reconnects at once.
+SOFT_DISCONNECT = Close(1000, "Soft disconnect")
+#: The application closed the client.
+CLIENT_CLOSED = Close(1000, "Client closed")
+#: Never on the wire (RFC 6455 §7.1.5): what a client records when no close frame arrived.
+ABNORMAL_CLOSURE = 1006

@@ -10,6 +10,11 @@ Endpoint = Literal["waiter", "kitchen", "admin", "diner"]
 ENDPOINTS: tuple[Endpoint, ...] = ("waiter", "kitchen", "admin", "diner")
 
 
+def credential_param(endpoint: str) -> str:
+    """The query parameter of ``/ws/<endpoint>`` that carries the socket's credential."""
+    return "table_token" if endpoint == "diner" else "token"
+
+
 @attrs.frozen
 class Principal:
     """What a socket's credentials entitle it to; everything routing needs to know.
