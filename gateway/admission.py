@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,28 +27,22 @@ import attrs
 import trio
 
 from gateway.core import closecodes
-from gateway.core.auth import (
-    AuthError,
-    diner_principal,
-    is_revoked,
-    revocation_keys,
-    staff_principal,
-    verify_staff_token,
-    verify_table_token,
-)
+from gateway.core.auth import AuthError, diner_principal, staff_principal
 from gateway.core.closecodes import Close
+from gateway.core.credentials import Credentials
 from gateway.core.model import Endpoint, Principal
 from gateway.core.origins import origin_allowed
-from gateway.ingest import is_redis_failure
 from gateway.logs import redact_target
+from gateway.metrics import Metrics
+from gateway.registry import SocketRegistry
+from gateway.revocation import Revocation
+from gateway.sectors import SectorSource
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.connection import Connection
 
 log = logging.getLogger("gateway.server")
-
-REVOCATION_TIMEOUT = 2.0
 
 #: Recoverable refusals before the upgrade: (HTTP status, detail, Retry-After seconds).
 REFUSALS: Mapping[str, tuple[int, str, int]] = {
@@ -69,7 +63,8 @@ _LATE_CLOSE: Mapping[str, Close] = {
 
 @attrs.frozen
 class Verdict:
-    """What :func:`decide` concluded; exactly one of ``principal``, ``close``, ``refusal`` is set."""
+    """What :meth:`Admission.decide` concluded; exactly one of ``principal``, ``close``,
+    ``refusal`` is set."""
 
     principal: Principal | None = None
     token: str = ""
@@ -87,132 +82,135 @@ def _refuse(reason: str) -> Verdict:
     return Verdict(refusal=reason, reason=reason)
 
 
-def over_limit(gw: Gateway, principal: Principal) -> str | None:
-    """The limit a new socket of ``principal`` would break (D5), or None. Never checkpoints."""
-    settings = gw.settings
-    index = gw.index
-    if gw.draining:
-        return "draining"
-    if len(index) >= settings.max_total_connections:
-        return "limit_total"
-    if principal.is_diner:
-        assert principal.session_id is not None
-        if index.count_session(principal.tenant_id, principal.session_id) >= settings.max_connections_per_session:
-            return "limit_session"
-    elif index.count_user(principal.tenant_id, principal.user_id) >= settings.max_connections_per_user:
-        return "limit_user"
-    return None
+@attrs.frozen
+class Limits:
+    """The settings admission uses."""
+
+    max_total: int
+    per_user: int
+    per_session: int
+    bypass_missing_origin: bool
+    staff_revalidation: float
+    table_revalidation: float
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(s.max_total_connections, s.max_connections_per_user, s.max_connections_per_session,
+                   s.origin_bypass_active, s.jwt_revalidation_interval, s.table_token_revalidation_interval)
 
 
-async def decide(gw: Gateway, endpoint: Endpoint, target: str, origin: str | None) -> Verdict:
-    """Everything that can be known about an upgrade request before answering it."""
-    settings = gw.settings
-    if gw.draining:
-        return _refuse("draining")
-    if not origin_allowed(origin, gw.origins, bypass_missing=settings.origin_bypass_active):
-        return _reject(closecodes.ORIGIN_NOT_ALLOWED, "origin")
-    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
-    param = "table_token" if endpoint == "diner" else "token"
-    token = (query.get(param) or [""])[0]
-    if not token:
-        return _reject(closecodes.MISSING_TOKEN, "missing_token")
-    now = time.time()
-    try:
-        principal: Principal
-        if endpoint == "diner":
-            table = verify_table_token(token, secret=settings.table_token_secret, now=now,
-                                       max_lifetime=settings.max_token_lifetime)
-            principal = diner_principal(table)
-        else:
-            claims = verify_staff_token(
-                token, secret=settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience, now=now,
-                max_lifetime=settings.max_token_lifetime,
-            )
-            try:
-                principal = staff_principal(endpoint, claims)
-            except AuthError as exc:  # valid token, wrong role: say whose it was
-                return _reject(exc.close, exc.reason, tenant=claims.tenant_id, branches=sorted(claims.branch_ids),
-                               user=claims.user_id)
-    except AuthError as exc:
-        return _reject(exc.close, exc.reason)
-    # A socket over a limit is refused before any Redis work: a hammering client costs a
-    # signature check, not a round trip.
-    limit = over_limit(gw, principal)
-    if limit is not None:
-        return _refuse(limit)
-    if not principal.is_diner:
-        revoked = await check_revoked(gw, [principal])
-        if revoked is None:
-            return _refuse("redis_unavailable")
-        if revoked[0]:
-            return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
-        if principal.is_plain_waiter or endpoint == "waiter":
-            principal = await gw.sectors.assign(principal, refresh=False)
-    return Verdict(principal=principal, token=token)
+@attrs.define(eq=False)
+class Admission:
+    limits: Limits
+    credentials: Credentials
+    origins: frozenset[str]
+    registry: SocketRegistry
+    metrics: Metrics
+    revocation: Revocation
+    sectors: SectorSource
 
-
-def count_refusal(gw: Gateway, verdict: Verdict, target: str, client: str) -> tuple[int, str, int]:
-    """Count and log a refusal before the upgrade; the HTTP status, detail and Retry-After."""
-    assert verdict.refusal is not None
-    gw.metrics.rejections.labels(verdict.refusal).inc()
-    gw.count_rejection(verdict.refusal)
-    log.info("upgrade refused", extra={"client": client, "reason": verdict.refusal, "target": redact_target(target)})
-    return REFUSALS[verdict.refusal]
-
-
-def register(gw: Gateway, conn: Connection, verdict: Verdict, target: str) -> Close | None:
-    """After the 101: register an admitted socket, or say how to close it. Never checkpoints,
-    so nothing can be admitted between the limit check and ``index.add``."""
-    principal = verdict.principal
-    if principal is None:
-        assert verdict.close is not None
-        return _rejected(gw, conn, verdict.close, verdict.reason, target, **verdict.who)
-    conn.principal = principal
-    late = over_limit(gw, principal)
-    if late is not None:
-        return _rejected(gw, conn, _LATE_CLOSE[late], late, target)
-    settings = gw.settings
-    conn.token = verdict.token
-    gw.index.add(conn, principal)
-    gw.metrics.connections.labels(conn.endpoint).inc()
-    gw.metrics.connections_opened.labels(conn.endpoint).inc()
-    interval = settings.table_token_revalidation_interval if principal.is_diner else settings.jwt_revalidation_interval
-    conn.next_check = trio.current_time() + interval
-    if conn.endpoint == "waiter":
-        conn.refresh_sectors = gw.refresh_sectors
-    log.debug("socket registered", extra=conn.log_context())
-    return None
-
-
-def _rejected(gw: Gateway, conn: Connection, close: Close, reason: str, target: str, **who: object) -> Close:
-    gw.metrics.rejections.labels(reason).inc()
-    gw.count_rejection(reason)
-    log.info("socket rejected", extra={**conn.log_context(), **who, "reason": reason, "code": close.code,
-                                        "target": redact_target(target)})
-    return close
-
-
-async def check_revoked(gw: Gateway, principals: Sequence[Principal]) -> list[bool] | None:
-    """One MGET for all the principals' revocation keys; None when Redis cannot answer (D4)."""
-    keys: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for p in principals:
-        ks = revocation_keys(p)
-        spans.append((len(keys), len(keys) + len(ks)))
-        keys.extend(ks)
-    if not keys:
-        return [False] * len(principals)
-    breaker = gw.breakers["auth"]
-    if not breaker.allow():
+    def over_limit(self, principal: Principal) -> str | None:
+        """The limit a new socket of ``principal`` would break (D5), or None. Never checkpoints."""
+        index = self.registry.index
+        if self.registry.draining:
+            return "draining"
+        if len(index) >= self.limits.max_total:
+            return "limit_total"
+        if principal.is_diner:
+            assert principal.session_id is not None
+            if index.count_session(principal.tenant_id, principal.session_id) >= self.limits.per_session:
+                return "limit_session"
+        elif index.count_user(principal.tenant_id, principal.user_id) >= self.limits.per_user:
+            return "limit_user"
         return None
-    values: Sequence[bytes | str | None]
-    try:
-        with trio.fail_after(REVOCATION_TIMEOUT):
-            values = await gw.redis.mget(keys)
-    except Exception as exc:
-        if not is_redis_failure(exc) and not isinstance(exc, trio.TooSlowError):
-            raise
-        gw.redis_failed(breaker, "revocation", exc)
+
+    async def decide(self, endpoint: Endpoint, target: str, origin: str | None) -> Verdict:
+        """Everything that can be known about an upgrade request before answering it."""
+        if self.registry.draining:
+            return _refuse("draining")
+        if not origin_allowed(origin, self.origins, bypass_missing=self.limits.bypass_missing_origin):
+            return _reject(closecodes.ORIGIN_NOT_ALLOWED, "origin")
+        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+        param = "table_token" if endpoint == "diner" else "token"
+        token = (query.get(param) or [""])[0]
+        if not token:
+            return _reject(closecodes.MISSING_TOKEN, "missing_token")
+        now = time.time()
+        try:
+            principal: Principal
+            if endpoint == "diner":
+                principal = diner_principal(self.credentials.table(token, now))
+            else:
+                claims = self.credentials.staff(token, now)
+                try:
+                    principal = staff_principal(endpoint, claims)
+                except AuthError as exc:  # valid token, wrong role: say whose it was
+                    return _reject(exc.close, exc.reason, tenant=claims.tenant_id,
+                                   branches=sorted(claims.branch_ids), user=claims.user_id)
+        except AuthError as exc:
+            return _reject(exc.close, exc.reason)
+        # A socket over a limit is refused before any Redis work: a hammering client costs a
+        # signature check, not a round trip.
+        limit = self.over_limit(principal)
+        if limit is not None:
+            return _refuse(limit)
+        if not principal.is_diner:
+            revoked = await self.revocation.check([principal])
+            if revoked is None:
+                return _refuse("redis_unavailable")
+            if revoked[0]:
+                return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
+            if principal.is_plain_waiter or endpoint == "waiter":
+                principal = await self.sectors.assign(principal, refresh=False)
+        return Verdict(principal=principal, token=token)
+
+    def count_refusal(self, verdict: Verdict, target: str, client: str) -> tuple[int, str, int]:
+        """Count and log a refusal before the upgrade; the HTTP status, detail and Retry-After."""
+        assert verdict.refusal is not None
+        self.metrics.rejections.labels(verdict.refusal).inc()
+        self.registry.count_rejection(verdict.refusal)
+        log.info("upgrade refused", extra={"client": client, "reason": verdict.refusal,
+                                           "target": redact_target(target)})
+        return REFUSALS[verdict.refusal]
+
+    def register(self, conn: Connection, verdict: Verdict, target: str) -> Close | None:
+        """After the 101: register an admitted socket, or say how to close it. Never checkpoints,
+        so nothing can be admitted between the limit check and ``index.add``."""
+        principal = verdict.principal
+        if principal is None:
+            assert verdict.close is not None
+            return self._rejected(conn, verdict.close, verdict.reason, target, **verdict.who)
+        conn.principal = principal
+        late = self.over_limit(principal)
+        if late is not None:
+            return self._rejected(conn, _LATE_CLOSE[late], late, target)
+        conn.token = verdict.token
+        self.registry.index.add(conn, principal)
+        self.metrics.connections.labels(conn.endpoint).inc()
+        self.metrics.connections_opened.labels(conn.endpoint).inc()
+        limits = self.limits
+        interval = limits.table_revalidation if principal.is_diner else limits.staff_revalidation
+        conn.next_check = trio.current_time() + interval
+        if conn.endpoint == "waiter":
+            conn.refresh_sectors = self.refresh_sectors
+        log.debug("socket registered", extra=conn.log_context())
         return None
-    gw.redis_ok(breaker)
-    return [is_revoked(p, list(values[a:b])) for p, (a, b) in zip(principals, spans, strict=True)]
+
+    def _rejected(self, conn: Connection, close: Close, reason: str, target: str, **who: object) -> Close:
+        self.metrics.rejections.labels(reason).inc()
+        self.registry.count_rejection(reason)
+        log.info("socket rejected", extra={**conn.log_context(), **who, "reason": reason, "code": close.code,
+                                            "target": redact_target(target)})
+        return close
+
+    async def refresh_sectors(self, conn: Connection) -> str:
+        """``refresh_sectors`` on /ws/waiter: look again (no cache), re-target at once, reply (§3.2)."""
+        index = self.registry.index
+        principal = conn.principal
+        if principal is None or conn not in index:
+            return "sectors_updated:"
+        updated = await self.sectors.assign(principal, refresh=True)
+        if conn in index:
+            index.update_sectors(conn, updated.sector_ids)
+            conn.principal = updated
+        return "sectors_updated:" + ",".join(str(s) for s in sorted(updated.sector_ids))

@@ -17,16 +17,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import attrs
-import coredis
 import trio
 from coredis.exceptions import (
-    RedisError,
     ResponseError,
     StreamConsumerGroupError,
     StreamDuplicateConsumerGroupError,
-    UnblockedError,
 )
 from coredis.response.types import StreamPendingExt
 
@@ -34,7 +30,12 @@ from gateway.broadcast import Job
 from gateway.core.breaker import BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
 from gateway.logs import RateLimitedLog
-from gateway.redis_ops import DLQ_MAXLEN, xadd_capped
+from gateway.redis_ops import (
+    DLQ_MAXLEN,
+    group_missing,
+    raise_unless_redis_failure,
+    xadd_capped,
+)
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -55,52 +56,6 @@ MAX_DELIVERIES = 3
 STALE_GROUP_CHECK_INTERVAL = 300.0
 
 _invalid_log = RateLimitedLog(log, interval=60.0)
-
-
-def is_redis_failure(exc: BaseException) -> bool:
-    """True for errors that mean "Redis is unreachable or misbehaving", also inside groups."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(is_redis_failure(e) for e in exc.exceptions)
-    # coredis runs on anyio: a connection dropped under it surfaces as anyio's resource errors.
-    return isinstance(
-        exc,
-        RedisError | OSError | TimeoutError | trio.BrokenResourceError | EOFError
-        | anyio.ClosedResourceError | anyio.BrokenResourceError | anyio.EndOfStream,
-    )
-
-
-def strip_redis_failures(exc: BaseException) -> BaseException | None:
-    """``exc`` without its Redis-failure leaves; None when nothing else is left.
-
-    Cancelling a task inside coredis' pub/sub context can raise a group that holds both the
-    cancellation and a connection error from coredis' own clean-up: the cancellation must go on,
-    the connection error is noise.
-    """
-    if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(lambda e: not isinstance(e, BaseExceptionGroup) and is_redis_failure(e))
-        return rest
-    return None if is_redis_failure(exc) else exc
-
-
-def group_missing(exc: BaseException) -> bool:
-    """NOGROUP (the stream or the group was deleted), or a blocked XREADGROUP cut short because
-    its stream was deleted (UNBLOCKED). Redis answered: this is not an outage.
-
-    coredis maps these replies to their own classes, which are not ``ResponseError`` and whose
-    message no longer carries the error code.
-    """
-    if isinstance(exc, StreamDuplicateConsumerGroupError):
-        return False
-    return isinstance(exc, StreamConsumerGroupError | UnblockedError)
-
-
-def raise_unless_redis_failure(exc: BaseException) -> None:
-    """Return when ``exc`` is only a Redis failure (the caller backs off); raise anything else."""
-    rest = strip_redis_failures(exc)
-    if rest is exc:
-        raise exc
-    if rest is not None:
-        raise rest from None
 
 
 def _text(value: Any) -> str:
@@ -424,7 +379,3 @@ class PubSubReader:
             _invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
             return
         await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))
-
-
-def make_client(url: str) -> coredis.Redis[bytes]:
-    return coredis.Redis.from_url(url, decode_responses=False, connect_timeout=5.0, stream_timeout=10.0)

@@ -25,15 +25,15 @@ import datetime
 import logging
 import zoneinfo
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
+import coredis
 import trio
 
 from gateway.core.model import Principal
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.redis_ops import is_redis_failure
+from gateway.settings import Settings
 
 log = logging.getLogger("gateway.sectors")
 
@@ -61,12 +61,31 @@ def _query_postgres(url: str, user_id: int, tenant_id: int, day: datetime.date, 
     return frozenset(int(r[0]) for r in rows if isinstance(r[0], int) and r[0] > 0)
 
 
+@attrs.frozen
+class SectorSettings:
+    """The settings a sector lookup uses."""
+
+    database_url: str | None = attrs.field(repr=False)
+    timezone: str
+    cache_ttl: float
+    lookup_timeout: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> SectorSettings:
+        return cls(settings.database_url, settings.sector_timezone, settings.sector_cache_ttl,
+                   settings.sector_lookup_timeout)
+
+
 @attrs.define(eq=False)
 class SectorSource:
-    gw: Gateway
+    redis: coredis.Redis[bytes]
+    settings: SectorSettings
     #: (tenant, user) -> (expires_at, sectors), successes only.
     cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = attrs.Factory(dict)
     clock: Callable[[], float] = trio.current_time
+
+    async def assign_cached(self, principal: Principal) -> Principal:
+        return await self.assign(principal, refresh=False)
 
     async def assign(self, principal: Principal, *, refresh: bool) -> Principal:
         """The principal with its current sector set (``refresh`` bypasses the cache); unchanged
@@ -93,7 +112,7 @@ class SectorSource:
             raise
         if from_redis is not None:
             return from_redis
-        if self.gw.settings.database_url is None:
+        if self.settings.database_url is None:
             return None
         key = (tenant_id, user_id)
         now = self.clock()
@@ -110,15 +129,13 @@ class SectorSource:
             raise
         if len(self.cache) >= _CACHE_MAX:
             self.cache.pop(next(iter(self.cache)))
-        self.cache[key] = (now + self.gw.settings.sector_cache_ttl, sectors)
+        self.cache[key] = (now + self.settings.cache_ttl, sectors)
         return sectors
 
     async def _from_redis(self, tenant_id: int, user_id: int) -> frozenset[int] | None:
-        from gateway.ingest import is_redis_failure
-
         try:
-            with trio.fail_after(self.gw.settings.sector_lookup_timeout):
-                members: Any = await self.gw.redis.smembers(redis_key(tenant_id, user_id))
+            with trio.fail_after(self.settings.lookup_timeout):
+                members: Any = await self.redis.smembers(redis_key(tenant_id, user_id))
         except Exception as exc:
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
@@ -134,10 +151,10 @@ class SectorSource:
         return frozenset(out) if out else None
 
     async def _from_postgres(self, tenant_id: int, user_id: int) -> frozenset[int]:
-        settings = self.gw.settings
+        settings = self.settings
         assert settings.database_url is not None
-        day = datetime.datetime.now(zoneinfo.ZoneInfo(settings.sector_timezone)).date()
-        timeout = settings.sector_lookup_timeout
+        day = datetime.datetime.now(zoneinfo.ZoneInfo(settings.timezone)).date()
+        timeout = settings.lookup_timeout
         try:
             with trio.fail_after(timeout + 0.5):
                 # psycopg's async API is asyncio-only: its sync API runs in a worker thread, which a

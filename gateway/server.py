@@ -1,10 +1,11 @@
 """The serving layer: one TCP listener, h11 for every request, wsproto for WebSocket upgrades.
 
 Each accepted TCP connection gets one task (in the connections nursery). It reads request heads
-with h11 under a deadline (a cancel scope), answers plain HTTP routes with keep-alive, and hands an
-``Upgrade: websocket`` request for one of the four endpoints to :func:`serve_websocket`, which
-accepts the handshake and only then checks credentials, so that failures reach the client as
-close codes 4001/4003 (D1) instead of an opaque HTTP 403.
+with h11 under a deadline (a cancel scope), answers plain HTTP routes with keep-alive, and for an
+``Upgrade: websocket`` request to one of the four endpoints asks :class:`~gateway.admission.
+Admission` first: a recoverable refusal is an HTTP 429/503 (D22), anything else is accepted and
+served by :meth:`Listener.serve_websocket`, where credential failures reach the client as close
+codes 4001/4003 (D1) instead of an opaque HTTP 403.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
@@ -24,22 +24,23 @@ from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from gateway.admission import Verdict, count_refusal, decide, register
+from gateway.admission import Admission, Verdict
 from gateway.connection import Connection
 from gateway.core import closecodes
-from gateway.core.clientip import client_ip
+from gateway.core.clientip import Network, client_ip
 from gateway.core.model import ENDPOINTS, Endpoint
-from gateway.http import Response, handle_http, text_response
+from gateway.core.pending import PendingConnections
+from gateway.http import HttpApp
+from gateway.http_types import Response, text_response
 from gateway.logs import RateLimitedLog
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.metrics import Metrics
+from gateway.registry import SocketRegistry
+from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
 
 _RECV = 65536
 _WS_PATHS: dict[str, Endpoint] = {f"/ws/{e}": e for e in ENDPOINTS}
-REVOCATION_TIMEOUT = 2.0
 
 
 class _ClientGone(Exception):
@@ -76,12 +77,12 @@ async def _send_response(
     response: Response,
     *,
     route: str = "-",
-    gw: Gateway | None = None,
+    metrics: Metrics | None = None,
     head: bool = False,
 ) -> None:
-    """Send one response; counts it when ``gw`` is given. A HEAD request gets the head only."""
-    if gw is not None:
-        gw.metrics.http_requests.labels(route, str(response.status)).inc()
+    """Send one response; counts it when ``metrics`` is given. A HEAD request gets the head only."""
+    if metrics is not None:
+        metrics.http_requests.labels(route, str(response.status)).inc()
     headers = [
         (b"content-type", response.content_type.encode()),
         (b"content-length", str(len(response.body)).encode()),
@@ -120,139 +121,6 @@ _PENDING_REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
     + str(len(_PENDING_BODY)).encode() + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + _PENDING_BODY
 )
-_pending_log = RateLimitedLog(log, interval=60.0)
-
-
-class _PendingSlot:
-    """This connection's place in the pending bound, given back once admitted or gone."""
-
-    __slots__ = ("_gw", "_peer")
-
-    def __init__(self, gw: Gateway, peer: str) -> None:
-        self._gw: Gateway | None = gw
-        self._peer = peer
-
-    def release(self) -> None:
-        if self._gw is not None:
-            self._gw.pending.leave(self._peer)
-            self._gw = None
-
-
-async def handle_tcp(gw: Gateway, stream: trio.SocketStream, *, admin: bool = False) -> None:
-    """One TCP connection: HTTP requests with keep-alive, or one WebSocket.
-
-    Nothing raised while serving one connection may reach the connections nursery (it would stop
-    the gateway): unexpected errors are logged and that connection alone drops.
-    """
-    peer = _peer_address(stream)
-    refused = gw.pending.enter(peer)
-    if refused is not None:
-        await _refuse_pending(gw, stream, peer, refused)
-        return
-    slot = _PendingSlot(gw, peer)
-    try:
-        upgrade = await _serve_http(gw, stream, peer, admin=admin)
-        if upgrade is not None:
-            await serve_websocket(gw, stream, upgrade, slot)
-    except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    except Exception:
-        gw.metrics.http_requests.labels("-", "500").inc()
-        log.exception("connection handler failed; dropping that connection")
-    finally:
-        slot.release()
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-
-
-async def _refuse_pending(gw: Gateway, stream: trio.SocketStream, peer: str, reason: str) -> None:
-    gw.metrics.rejections.labels(reason).inc()
-    gw.metrics.http_requests.labels("-", "503").inc()
-    _pending_log.warning("connection refused: too many pending connections", reason=reason, client=peer)
-    with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        await stream.send_all(_PENDING_REFUSAL)
-        # Closing with the request unread would reset the connection and lose the answer: half
-        # close, then discard what the client still sends, for at most a second and 64 KiB.
-        await stream.send_eof()
-        discarded = 0
-        while discarded < 65536 and (chunk := await stream.receive_some(16384)):
-            discarded += len(chunk)
-    with trio.CancelScope(shield=True):
-        await stream.aclose()
-
-
-async def _serve_http(gw: Gateway, stream: trio.SocketStream, peer: str, *, admin: bool) -> Upgrade | None:
-    """HTTP requests until the client goes, or an accepted WebSocket handshake to hand over."""
-    settings = gw.settings
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
-    try:
-        while True:
-            with trio.move_on_after(settings.handshake_timeout) as head_scope:
-                event = await _next_event(conn, stream)
-            if head_scope.cancelled_caught:
-                if conn.their_state is h11.SEND_BODY or _partial(conn):
-                    await _send_response(conn, stream, text_response(408, "Request head not received in time"), gw=gw)
-                return None
-            if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
-                return None
-            # h11 limits only a head still incomplete in its buffer; a complete one is checked here.
-            if _head_size(event) > settings.max_header_bytes:
-                await _send_response(conn, stream, text_response(431, "Request header fields too large"), gw=gw)
-                return None
-            target = event.target.decode("latin-1")
-            path = urlsplit(target).path
-            client = client_ip(peer, _header(event.headers, b"x-forwarded-for"), gw.trusted_proxies)
-            if not admin and _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
-                if event.method != b"GET":
-                    response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
-                    await _send_response(conn, stream, response, route="websocket", gw=gw,
-                                         head=event.method == b"HEAD")
-                    return None
-                endpoint = _WS_PATHS[path]
-                origin = _header(event.headers, b"origin")
-                verdict = await decide(gw, endpoint, target, origin.decode("latin-1") if origin is not None else None)
-                if verdict.refusal is not None:
-                    # Recoverable (D22): answered before the upgrade, so no client sees an open
-                    # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
-                    status, detail, retry_after = count_refusal(gw, verdict, target, client)
-                    response = attrs.evolve(text_response(status, detail),
-                                            headers=((b"retry-after", str(retry_after).encode()),))
-                    await _send_response(conn, stream, response, route="websocket", gw=gw)
-                    return None
-                return await _accept_websocket(gw, stream, conn, event, endpoint, client, verdict)
-            body = b""
-            with trio.move_on_after(settings.handshake_timeout) as body_scope:
-                while True:
-                    part = await _next_event(conn, stream)
-                    if isinstance(part, h11.Data):
-                        body += part.data
-                        if len(body) > settings.max_body_bytes:
-                            await _send_response(conn, stream, text_response(413, "Request body too large"), gw=gw)
-                            return None
-                    elif isinstance(part, h11.EndOfMessage):
-                        break
-                    else:
-                        return None
-            if body_scope.cancelled_caught:
-                await _send_response(conn, stream, text_response(408, "Request body not received in time"), gw=gw)
-                return None
-            response = await handle_http(gw, event, path, target, body, admin=admin)
-            await _send_response(conn, stream, response, head=event.method == b"HEAD")
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return None
-            try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
-                return None
-    except h11.RemoteProtocolError as exc:
-        status = exc.error_status_hint
-        reason = "Request header fields too large" if status == 431 else "Bad request"
-        log.info("bad HTTP request", extra={"status": status})
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                                     h11.LocalProtocolError):
-                await _send_response(conn, stream, text_response(status, reason), gw=gw)
-        return None
 
 
 def _peer_address(stream: trio.SocketStream) -> str:
@@ -268,82 +136,247 @@ def _partial(conn: h11.Connection) -> bool:
     return bool(conn.trailing_data[0])
 
 
-async def _accept_websocket(
-    gw: Gateway, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
-    client: str, verdict: Verdict,
-) -> Upgrade | None:
-    ws = WSConnection(ConnectionType.SERVER)
-    try:
-        ws.initiate_upgrade_connection(list(request.headers), request.target)
-        first = next(ws.events(), None)
-        if not isinstance(first, Request):
-            raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
-        accept = ws.send(AcceptConnection())
-    except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
-        await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", gw=gw)
-        return None
-    await stream.send_all(accept)
-    # After the handshake only the frame-level protocol object is needed.
-    assert ws.connection is not None
-    return Upgrade(
-        protocol=ws.connection,
-        endpoint=endpoint,
-        target=request.target.decode("latin-1"),
-        verdict=verdict,
-        client=client,
-        trailing=h11conn.trailing_data[0],
-    )
+class _PendingSlot:
+    """This connection's place in the pending bound, given back once admitted or gone."""
+
+    __slots__ = ("_peer", "_pending")
+
+    def __init__(self, pending: PendingConnections, peer: str) -> None:
+        self._pending: PendingConnections | None = pending
+        self._peer = peer
+
+    def release(self) -> None:
+        if self._pending is not None:
+            self._pending.leave(self._peer)
+            self._pending = None
 
 
-async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgrade, slot: _PendingSlot) -> None:
-    settings = gw.settings
-    endpoint = upgrade.endpoint
-    conn = Connection(
-        stream,
-        upgrade.protocol,
-        endpoint,
-        metrics=gw.metrics,
-        max_queue_bytes=settings.send_queue_max_bytes,
-        max_message=settings.max_message_size,
-        max_frames=settings.max_frames_per_message,
-        rate_limit=settings.message_rate_limit,
-        rate_window=settings.message_rate_window,
-        direct_write=settings.direct_write,
-        client=upgrade.client,
-    )
-    if upgrade.trailing:
-        upgrade.protocol.receive_data(upgrade.trailing)
-    target, verdict = upgrade.target, upgrade.verdict
-    del upgrade
-    gw.sockets.add(conn)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.writer)
-            rejection = register(gw, conn, verdict, target)
-            if rejection is None:
-                slot.release()  # an admitted socket counts in the connection limits instead
-                await run_connection(gw, conn)
-            else:
-                conn.begin_close(rejection)
-            await conn.finish_close()
-            nursery.cancel_scope.cancel()
-    finally:
-        gw.sockets.discard(conn)
-        if conn in gw.index:
-            gw.index.remove(conn)
-            gw.metrics.connections.labels(endpoint).dec()
-        log.debug("socket closed", extra={**conn.log_context(), "code": conn.close_code and conn.close_code.code})
+@attrs.frozen
+class ServingSettings:
+    """The settings the listener and its sockets use."""
+
+    handshake_timeout: float
+    max_header_bytes: int
+    max_body_bytes: int
+    send_queue_max_bytes: int
+    max_message_size: int
+    max_frames_per_message: int
+    message_rate_limit: int
+    message_rate_window: float
+    direct_write: bool
+
+    @classmethod
+    def of(cls, s: Settings) -> ServingSettings:
+        return cls(s.handshake_timeout, s.max_header_bytes, s.max_body_bytes, s.send_queue_max_bytes,
+                   s.max_message_size, s.max_frames_per_message, s.message_rate_limit, s.message_rate_window,
+                   s.direct_write)
 
 
-async def run_connection(gw: Gateway, conn: Connection) -> None:
-    """Serve a registered socket until it closes; its token's expiry is the read loop's deadline."""
-    principal = conn.principal
-    assert principal is not None
-    remaining = principal.expires_at - time.time()
-    conn.scope.deadline = trio.current_time() + remaining if remaining != float("inf") else float("inf")
-    with conn.scope:
-        await conn.read_loop()
-    if not conn.closing:
-        expired = closecodes.TABLE_TOKEN_EXPIRED if principal.is_diner else closecodes.TOKEN_EXPIRED_OR_REVOKED
-        log.info("token expired: closing", extra=conn.log_context())
-        conn.begin_close(expired)
+@attrs.define(eq=False)
+class Listener:
+    """Serves every accepted TCP connection: HTTP routes, or one WebSocket."""
+
+    settings: ServingSettings
+    registry: SocketRegistry
+    metrics: Metrics
+    admission: Admission
+    http: HttpApp
+    trusted_proxies: tuple[Network, ...]
+    _pending_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
+
+
+    async def handle_tcp(self, stream: trio.SocketStream, *, admin: bool = False) -> None:
+        """One TCP connection: HTTP requests with keep-alive, or one WebSocket.
+
+        Nothing raised while serving one connection may reach the connections nursery (it would stop
+        the gateway): unexpected errors are logged and that connection alone drops.
+        """
+        peer = _peer_address(stream)
+        refused = self.registry.pending.enter(peer)
+        if refused is not None:
+            await self._refuse_pending(stream, peer, refused)
+            return
+        slot = _PendingSlot(self.registry.pending, peer)
+        try:
+            upgrade = await self._serve_http(stream, peer, admin=admin)
+            if upgrade is not None:
+                await self.serve_websocket(stream, upgrade, slot)
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            self.metrics.http_requests.labels("-", "500").inc()
+            log.exception("connection handler failed; dropping that connection")
+        finally:
+            slot.release()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+    async def _refuse_pending(self, stream: trio.SocketStream, peer: str, reason: str) -> None:
+        self.metrics.rejections.labels(reason).inc()
+        self.metrics.http_requests.labels("-", "503").inc()
+        self._pending_log.warning("connection refused: too many pending connections", reason=reason, client=peer)
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(_PENDING_REFUSAL)
+            # Closing with the request unread would reset the connection and lose the answer: half
+            # close, then discard what the client still sends, for at most a second and 64 KiB.
+            await stream.send_eof()
+            discarded = 0
+            while discarded < 65536 and (chunk := await stream.receive_some(16384)):
+                discarded += len(chunk)
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+    async def _serve_http(self, stream: trio.SocketStream, peer: str, *, admin: bool) -> Upgrade | None:
+        """HTTP requests until the client goes, or an accepted WebSocket handshake to hand over."""
+        settings = self.settings
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        try:
+            while True:
+                with trio.move_on_after(settings.handshake_timeout) as head_scope:
+                    event = await _next_event(conn, stream)
+                if head_scope.cancelled_caught:
+                    if conn.their_state is h11.SEND_BODY or _partial(conn):
+                        await _send_response(conn, stream, text_response(408, "Request head not received in time"), metrics=self.metrics)
+                    return None
+                if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
+                    return None
+                # h11 limits only a head still incomplete in its buffer; a complete one is checked here.
+                if _head_size(event) > settings.max_header_bytes:
+                    await _send_response(conn, stream, text_response(431, "Request header fields too large"), metrics=self.metrics)
+                    return None
+                target = event.target.decode("latin-1")
+                path = urlsplit(target).path
+                client = client_ip(peer, _header(event.headers, b"x-forwarded-for"), self.trusted_proxies)
+                if not admin and _has_token(_header(event.headers, b"upgrade"), b"websocket") and path in _WS_PATHS:
+                    if event.method != b"GET":
+                        response = attrs.evolve(text_response(405, "Method Not Allowed"), headers=((b"allow", b"GET"),))
+                        await _send_response(conn, stream, response, route="websocket", metrics=self.metrics,
+                                             head=event.method == b"HEAD")
+                        return None
+                    endpoint = _WS_PATHS[path]
+                    origin = _header(event.headers, b"origin")
+                    verdict = await self.admission.decide(endpoint, target, origin.decode("latin-1") if origin is not None else None)
+                    if verdict.refusal is not None:
+                        # Recoverable (D22): answered before the upgrade, so no client sees an open
+                        # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
+                        status, detail, retry_after = self.admission.count_refusal(verdict, target, client)
+                        response = attrs.evolve(text_response(status, detail),
+                                                headers=((b"retry-after", str(retry_after).encode()),))
+                        await _send_response(conn, stream, response, route="websocket", metrics=self.metrics)
+                        return None
+                    return await self._accept_websocket(stream, conn, event, endpoint, client, verdict)
+                body = b""
+                with trio.move_on_after(settings.handshake_timeout) as body_scope:
+                    while True:
+                        part = await _next_event(conn, stream)
+                        if isinstance(part, h11.Data):
+                            body += part.data
+                            if len(body) > settings.max_body_bytes:
+                                await _send_response(conn, stream, text_response(413, "Request body too large"), metrics=self.metrics)
+                                return None
+                        elif isinstance(part, h11.EndOfMessage):
+                            break
+                        else:
+                            return None
+                if body_scope.cancelled_caught:
+                    await _send_response(conn, stream, text_response(408, "Request body not received in time"), metrics=self.metrics)
+                    return None
+                response = await self.http.handle(event, path, target, body, admin=admin)
+                await _send_response(conn, stream, response, head=event.method == b"HEAD")
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return None
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return None
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = "Request header fields too large" if status == 431 else "Bad request"
+            log.info("bad HTTP request", extra={"status": status})
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                                         h11.LocalProtocolError):
+                    await _send_response(conn, stream, text_response(status, reason), metrics=self.metrics)
+            return None
+
+    async def _accept_websocket(
+        self, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
+        client: str, verdict: Verdict,
+    ) -> Upgrade | None:
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.headers), request.target)
+            first = next(ws.events(), None)
+            if not isinstance(first, Request):
+                raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
+            accept = ws.send(AcceptConnection())
+        except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
+            await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", metrics=self.metrics)
+            return None
+        await stream.send_all(accept)
+        # After the handshake only the frame-level protocol object is needed.
+        assert ws.connection is not None
+        return Upgrade(
+            protocol=ws.connection,
+            endpoint=endpoint,
+            target=request.target.decode("latin-1"),
+            verdict=verdict,
+            client=client,
+            trailing=h11conn.trailing_data[0],
+        )
+
+
+    async def serve_websocket(self, stream: trio.SocketStream, upgrade: Upgrade, slot: _PendingSlot) -> None:
+        settings = self.settings
+        endpoint = upgrade.endpoint
+        conn = Connection(
+            stream,
+            upgrade.protocol,
+            endpoint,
+            metrics=self.metrics,
+            max_queue_bytes=settings.send_queue_max_bytes,
+            max_message=settings.max_message_size,
+            max_frames=settings.max_frames_per_message,
+            rate_limit=settings.message_rate_limit,
+            rate_window=settings.message_rate_window,
+            direct_write=settings.direct_write,
+            client=upgrade.client,
+        )
+        if upgrade.trailing:
+            upgrade.protocol.receive_data(upgrade.trailing)
+        target, verdict = upgrade.target, upgrade.verdict
+        del upgrade
+        self.registry.sockets.add(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.writer)
+                rejection = self.admission.register(conn, verdict, target)
+                if rejection is None:
+                    slot.release()  # an admitted socket counts in the connection limits instead
+                    await self.run_connection(conn)
+                else:
+                    conn.begin_close(rejection)
+                await conn.finish_close()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.registry.sockets.discard(conn)
+            if conn in self.registry.index:
+                self.registry.index.remove(conn)
+                self.metrics.connections.labels(endpoint).dec()
+            log.debug("socket closed", extra={**conn.log_context(), "code": conn.close_code and conn.close_code.code})
+
+
+    async def run_connection(self, conn: Connection) -> None:
+        """Serve a registered socket until it closes; its token's expiry is the read loop's deadline."""
+        principal = conn.principal
+        assert principal is not None
+        remaining = principal.expires_at - time.time()
+        conn.scope.deadline = trio.current_time() + remaining if remaining != float("inf") else float("inf")
+        with conn.scope:
+            await conn.read_loop()
+        if not conn.closing:
+            expired = closecodes.TABLE_TOKEN_EXPIRED if principal.is_diner else closecodes.TOKEN_EXPIRED_OR_REVOKED
+            log.info("token expired: closing", extra=conn.log_context())
+            conn.begin_close(expired)

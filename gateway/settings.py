@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from gateway.core.clientip import parse_networks
+from gateway.core.credentials import Credentials
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
@@ -404,6 +405,10 @@ class Settings:
                 if value == default]
 
     # --- derived values ------------------------------------------------------------------------
+    def credentials(self) -> Credentials:
+        return Credentials(jwt_secret=self.jwt_secret, jwt_issuer=self.jwt_issuer, jwt_audience=self.jwt_audience,
+                           table_token_secret=self.table_token_secret, max_lifetime=self.max_token_lifetime)
+
     @property
     def origin_bypass_active(self) -> bool:
         """A missing Origin is accepted only in development without PRODUCTION_CHECK (D2)."""

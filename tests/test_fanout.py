@@ -21,8 +21,7 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from gateway.connection import CLOSE_TIMEOUT
 from gateway.core.events import envelope
-from gateway.ingest import make_client
-from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
+from gateway.redis_ops import STREAM_MAXLEN, make_client, xadd_capped
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'

@@ -33,8 +33,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from gateway.core import routing
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.model import Event
-from gateway.ingest import is_redis_failure, make_client
-from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
+from gateway.redis_ops import STREAM_MAXLEN, is_redis_failure, make_client, xadd_capped
 from gateway.redis_server import RedisConfig, RedisProcess, free_port
 from gateway.settings import Settings
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient, staff_token

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from gateway.ingest import make_client
+from gateway.redis_ops import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
 from gateway_testing import GatewayHandle, Publisher
 

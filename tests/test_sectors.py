@@ -21,7 +21,7 @@ import trio
 from pg import PostgresCluster
 
 from gateway.core.events import envelope
-from gateway.ingest import make_client
+from gateway.redis_ops import make_client
 from gateway.redis_server import RedisConfig, RedisProcess
 from gateway_testing import GatewayHandle, Publisher, WSClient
 
