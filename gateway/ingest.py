@@ -7,14 +7,15 @@ behind a circuit breaker, and report Redis health to the gateway (D15, D17).
 The stream reader acknowledges a batch only after all its entries reached their sockets' send
 queues, in one pipelined round trip that also carries dead-letter moves. An entry whose routing
 raised stays pending; the recovery pass reclaims it and moves it to the dead-letter stream after
-``MAX_DELIVERIES`` deliveries.
+``MAX_DELIVERIES`` deliveries. What to route, acknowledge, dead-letter or retry is decided in
+``gateway.core.streambatch``; this module does the reading and the round trips.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,6 +34,21 @@ from coredis.response.types import StreamPendingExt
 from gateway.broadcast import Job
 from gateway.core.breaker import BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.streambatch import (
+    DeadLetter,
+    Entry,
+    StaleGroups,
+    ack_ids,
+    dlq_fields,
+    group_name,
+    idle_times,
+    last_entry_id,
+    other_instance_group,
+    restart_id,
+    sort_batch,
+    split_claimed,
+    text,
+)
 from gateway.logs import RateLimitedLog
 from gateway.redis_ops import DLQ_MAXLEN, xadd_capped
 
@@ -50,11 +66,8 @@ PUBSUB_PATTERNS = (
     "session:*",
     "tenant:*:admin",
 )
-MAX_DELIVERIES = 3
 #: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
-
-_invalid_log = RateLimitedLog(log, interval=60.0)
 
 
 def is_redis_failure(exc: BaseException) -> bool:
@@ -103,8 +116,9 @@ def raise_unless_redis_failure(exc: BaseException) -> None:
         raise rest from None
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+def _entries(items: Iterable[Any]) -> list[Entry]:
+    """coredis stream entries as (id, ``data`` field) pairs."""
+    return [(item.identifier, item.field_values.get(b"data", b"")) for item in items]
 
 
 @attrs.define(eq=False)
@@ -129,7 +143,8 @@ class _Batch:
 @attrs.define(eq=False)
 class StreamConsumer:
     gw: Gateway
-    _consumerless: dict[str, float] = attrs.Factory(dict)
+    _stale_groups: StaleGroups = attrs.Factory(StaleGroups)
+    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     last_id: str | None = None
     processed: int = 0
 
@@ -183,7 +198,7 @@ class StreamConsumer:
                 backoff.reset()
                 if entries:
                     for _stream, items in entries.items():
-                        await self.process(items, jobs)
+                        await self.process(_entries(items), jobs)
             except BaseException as exc:
                 if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
@@ -208,36 +223,27 @@ class StreamConsumer:
                 return
             log.info("re-delivering entries left pending by a previous run", extra={"count": len(items)})
             before = self.processed
-            await self.process(items, jobs)
+            await self.process(_entries(items), jobs)
             if self.processed == before:
                 return  # routing keeps failing: leave them to the reclaim pass and the DLQ
 
     async def remove_stale_groups(self) -> None:
         """Delete other instances' groups whose consumers have all been idle too long (D14)."""
         gw = self.gw
-        prefix = gw.settings.group_prefix + ":"
-        stale_ms = gw.settings.group_stale_after * 1000
         try:
             groups = await gw.redis.xinfo_groups(gw.settings.stream)
         except ResponseError:
             return
         for group in groups:
-            name = _text(group.get(b"name", group.get("name", b"")))  # type: ignore[call-overload]
-            if not name.startswith(prefix) or name == self._group:
+            name = group_name(group)
+            if not other_instance_group(name, prefix=gw.settings.group_prefix, own=self._group):
                 continue
             try:
                 consumers = await gw.redis.xinfo_consumers(gw.settings.stream, name)
             except StreamConsumerGroupError:
                 continue  # removed meanwhile by another instance
-            idle = [int(c.get(b"idle", c.get("idle", 0)) or 0) for c in consumers]  # type: ignore[call-overload]
-            if idle:
-                stale = min(idle) >= stale_ms
-            else:
-                # No consumer (created, never read): its age is unknown, so time it from here.
-                first_seen = self._consumerless.setdefault(name, trio.current_time())
-                stale = trio.current_time() - first_seen >= gw.settings.group_stale_after
-            if stale:
-                self._consumerless.pop(name, None)
+            if self._stale_groups.stale(name, idle_times(consumers), now=trio.current_time(),
+                                        stale_after=gw.settings.group_stale_after):
                 try:
                     await gw.redis.xgroup_destroy(gw.settings.stream, name)
                 except StreamConsumerGroupError:
@@ -253,68 +259,49 @@ class StreamConsumer:
 
     async def recreate_group(self) -> None:
         """After NOGROUP: resume where this instance stopped, but never before the catch-up window."""
-        window_start_ms = int((time.time() - self.gw.settings.catchup_window) * 1000)
-        start = f"{window_start_ms}-0"
-        if self.last_id is not None and _id_ms(self.last_id) >= window_start_ms:
-            start = self.last_id
+        start = restart_id(self.last_id, now=time.time(), catchup_window=self.gw.settings.catchup_window)
         try:
             await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, start, mkstream=True)
             log.info("consumer group recreated", extra={"group": self._group, "start": start})
         except StreamDuplicateConsumerGroupError:
             pass
 
-    async def process(self, items: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
+    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job]) -> None:
         """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
         gw = self.gw
         now = trio.current_time()
-        dead: list[tuple[Any, bytes, str]] = []
-        valid: list[tuple[Any, Any]] = []
-        for item in items:
-            raw = item.field_values.get(b"data", b"")
-            gw.metrics.events_received.labels("stream").inc()
-            try:
-                event = parse_event(raw, max_size=gw.settings.max_message_size)
-            except InvalidEvent as exc:
-                gw.metrics.events_invalid.labels("stream", exc.reason).inc()
-                _invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=exc.reason)
-                dead.append((item.identifier, raw if isinstance(raw, bytes) else b"", f"invalid: {exc.reason}"))
-                continue
-            valid.append((item.identifier, event))
-        batch = _Batch(pending=len(valid))
-        for entry_id, event in valid:
-            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=batch.callback(entry_id)))
-        if valid:
-            await batch.done.wait()
-        if items:
-            self.last_id = _text(items[-1].identifier)
-        await self.finish(batch.acked, dead)
-        self.processed += len(batch.acked)
+        gw.metrics.events_received.labels("stream").inc(len(entries))
+        batch = sort_batch(entries, max_size=gw.settings.max_message_size)
+        for invalid in batch.invalid:
+            gw.metrics.events_invalid.labels("stream", invalid.reason).inc()
+            self._invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=invalid.reason)
+        tracking = _Batch(pending=len(batch.valid))
+        for entry_id, event in batch.valid:
+            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=tracking.callback(entry_id)))
+        if batch.valid:
+            await tracking.done.wait()
+        if entries:
+            self.last_id = last_entry_id(entries)
+        await self.finish(tracking.acked, batch.dead)
+        self.processed += len(tracking.acked)
 
-    async def finish(self, acked: list[Any], dead: list[tuple[Any, bytes, str]]) -> None:
+    async def finish(self, acked: list[Any], dead: list[DeadLetter]) -> None:
         gw = self.gw
-        ids = acked + [d[0] for d in dead]
+        ids = ack_ids(acked, dead)
         if not ids:
             return
         async with gw.redis.pipeline(transaction=False) as pipe:
             # The batch's catch-up appends ride in the same round trip as its acknowledgements.
             gw.catchup.take_into(pipe)
-            for entry_id, raw, error in dead:
-                xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), DLQ_MAXLEN)
+            for letter in dead:
+                xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
             pipe.xack(gw.settings.stream, self._group, ids)
         gw.metrics.stream_acked.inc(len(ids))
         for _ in dead:
             gw.metrics.dlq.labels("invalid").inc()
 
-    def _dlq_fields(self, entry_id: Any, raw: bytes, error: str, deliveries: int) -> dict[str, Any]:
-        return {
-            "original_id": _text(entry_id),
-            "original_stream": self.gw.settings.stream,
-            "data": raw,
-            "retry_count": str(deliveries),
-            "failed_at": repr(time.time()),
-            "consumer": self._consumer,
-            "error": error,
-        }
+    def _dlq_fields(self, letter: DeadLetter) -> dict[str, Any]:
+        return dlq_fields(letter, stream=self.gw.settings.stream, consumer=self._consumer, failed_at=time.time())
 
     async def reclaim(self, jobs: trio.MemorySendChannel[Job]) -> None:
         """Take back entries idle for ``reclaim_idle`` (following the cursor to the end); entries
@@ -332,7 +319,7 @@ class StreamConsumer:
                 await gw.redis.xack(gw.settings.stream, self._group, deleted)
             if claimed:
                 await self._retry_claimed(claimed, jobs)
-            if _text(cursor) == "0-0":
+            if text(cursor) == "0-0":
                 return
 
     async def _retry_claimed(self, claimed: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
@@ -342,38 +329,23 @@ class StreamConsumer:
         # routing failed less than ``reclaim_idle`` ago (no batch is in flight while this runs).
         pending = await gw.redis.xpending(gw.settings.stream, self._group, start=first, end=last,
                                           count=len(claimed) + gw.settings.stream_batch, consumer=self._consumer)
-        deliveries = {_text(p.identifier): int(p.delivered) for p in pending if isinstance(p, StreamPendingExt)}
-        retry: list[Any] = []
-        dead: list[tuple[Any, bytes, str]] = []
-        for item in claimed:
-            raw = item.field_values.get(b"data", b"")
-            if deliveries.get(_text(item.identifier), 1) >= MAX_DELIVERIES:
-                dead.append((item.identifier, raw, f"routing failed {MAX_DELIVERIES} times"))
-            else:
-                retry.append(item)
+        deliveries = {text(p.identifier): int(p.delivered) for p in pending if isinstance(p, StreamPendingExt)}
+        retry, dead = split_claimed(_entries(claimed), deliveries)
         if dead:
             async with gw.redis.pipeline(transaction=False) as pipe:
-                for entry_id, raw, error in dead:
-                    xadd_capped(pipe, gw.settings.dlq_stream,
-                                self._dlq_fields(entry_id, raw, error, deliveries.get(_text(entry_id), 0)),
-                                DLQ_MAXLEN)
-                pipe.xack(gw.settings.stream, self._group, [d[0] for d in dead])
+                for letter in dead:
+                    xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
+                pipe.xack(gw.settings.stream, self._group, [d.entry_id for d in dead])
             gw.metrics.dlq.labels("retries").inc(len(dead))
             log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
         if retry:
             await self.process(retry, jobs)
 
 
-def _id_ms(entry_id: str) -> int:
-    try:
-        return int(entry_id.split("-", 1)[0])
-    except ValueError:
-        return 0
-
-
 @attrs.define(eq=False)
 class PubSubReader:
     gw: Gateway
+    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
 
     async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
         gw = self.gw
@@ -421,7 +393,7 @@ class PubSubReader:
             event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=gw.settings.max_message_size)
         except InvalidEvent as exc:
             gw.metrics.events_invalid.labels("pubsub", exc.reason).inc()
-            _invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
+            self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
             return
         await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))
 
