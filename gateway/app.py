@@ -223,7 +223,8 @@ class Gateway:
         total = 0.0
         for metric in self.metrics.events_invalid.collect():
             for sample in metric.samples:
-                total += sample.value
+                if sample.name.endswith("_total"):  # not the *_created series
+                    total += sample.value
         return int(total)
 
     def heartbeat_stats(self) -> dict[str, Any]:
