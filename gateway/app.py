@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -46,11 +47,12 @@ from gateway.core.model import Principal
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
 from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_client
+from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
 from gateway.redis_server import run_embedded_redis
 from gateway.sectors import SectorSource
-from gateway.server import check_revoked, handle_tcp
+from gateway.server import check_revoked, handle_tcp, pending_refusal_log
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -89,6 +91,9 @@ class Gateway:
     stream_consumer: StreamConsumer = attrs.field(init=False)
     jobs: trio.MemorySendChannel[Job] = attrs.field(init=False)
     pending: PendingConnections = attrs.field(init=False)
+    pending_log: RateLimitedLog = attrs.Factory(pending_refusal_log)
+    #: Ids of this gateway's sockets, in accept order (they appear in its logs).
+    connection_ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
     admin_port: int | None = None
 
     def __attrs_post_init__(self) -> None:

@@ -130,7 +130,11 @@ _PENDING_REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
     + str(len(_PENDING_BODY)).encode() + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + _PENDING_BODY
 )
-_pending_log = RateLimitedLog(log, interval=60.0)
+
+
+def pending_refusal_log() -> RateLimitedLog:
+    """The rate-limited log of refusals over the pending bound, one per gateway (``Gateway.pending_log``)."""
+    return RateLimitedLog(log, interval=60.0)
 
 
 class _PendingSlot:
@@ -178,7 +182,7 @@ async def handle_tcp(gw: Gateway, stream: trio.SocketStream, *, admin: bool = Fa
 async def _refuse_pending(gw: Gateway, stream: trio.SocketStream, peer: str, reason: str) -> None:
     gw.metrics.rejections.labels(reason).inc()
     gw.metrics.http_requests.labels("-", "503").inc()
-    _pending_log.warning("connection refused: too many pending connections", reason=reason, client=peer)
+    gw.pending_log.warning("connection refused: too many pending connections", reason=reason, client=peer)
     with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await stream.send_all(_PENDING_REFUSAL)
         # Closing with the request unread would reset the connection and lose the answer: half
@@ -307,6 +311,7 @@ async def serve_websocket(gw: Gateway, stream: trio.SocketStream, upgrade: Upgra
         stream,
         upgrade.protocol,
         endpoint,
+        conn_id=next(gw.connection_ids),
         metrics=gw.metrics,
         max_queue_bytes=settings.send_queue_max_bytes,
         max_message=settings.max_message_size,
