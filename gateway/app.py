@@ -50,7 +50,7 @@ from gateway.ingest import PubSubReader, StreamConsumer, is_redis_failure, make_
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.redis_server import run_embedded_redis
+from gateway.redis_process import run_embedded_redis
 from gateway.sectors import SectorSource
 from gateway.server import check_revoked, handle_tcp, pending_refusal_log
 from gateway.settings import Settings

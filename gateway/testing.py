@@ -31,8 +31,9 @@ from gateway.app import Gateway, run_gateway
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.tokens import mint_staff_token, mint_table_token
 from gateway.ingest import make_client
+from gateway.redis_config import RedisConfig
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.redis_server import RedisConfig, RedisProcess
+from gateway.redis_process import RedisProcess
 from gateway.settings import Settings
 
 DEFAULT_ORIGIN = "http://localhost:5173"

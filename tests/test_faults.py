@@ -35,8 +35,9 @@ from gateway.core.events import encode_envelope, envelope
 from gateway.core.model import Event
 from gateway.core.tokens import mint_staff_token
 from gateway.ingest import is_redis_failure, make_client
+from gateway.redis_config import RedisConfig, free_port
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.redis_server import RedisConfig, RedisProcess, free_port
+from gateway.redis_process import RedisProcess
 from gateway.settings import Settings
 from gateway.testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 

@@ -27,7 +27,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from gateway.core.tokens import mint_staff_token
-from gateway.redis_server import free_port
+from gateway.redis_config import free_port
 from gateway.settings import Settings, settings_fields
 from gateway.testing import DEFAULT_ORIGIN
 

@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from gateway.ingest import make_client
-from gateway.redis_server import RedisConfig, RedisProcess
+from gateway.redis_config import RedisConfig
+from gateway.redis_process import RedisProcess
 from gateway.testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]

@@ -41,8 +41,8 @@ from gateway.client import ConnectionState, GatewayClient, HttpError, http_get
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.tokens import mint_staff_token
 from gateway.ingest import make_client
+from gateway.redis_config import free_port
 from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
-from gateway.redis_server import free_port
 from gateway.settings import Settings, settings_fields
 from gateway.testing import DEFAULT_ORIGIN
 

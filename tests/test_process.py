@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websoc
 
 from gateway.app import run_gateway
 from gateway.core.tokens import mint_staff_token
-from gateway.redis_server import free_port
+from gateway.redis_config import free_port
 from gateway.settings import Settings, settings_fields
 from gateway.testing import DEFAULT_ORIGIN, test_settings
 

@@ -22,7 +22,8 @@ from pg import PostgresCluster
 
 from gateway.core.events import envelope
 from gateway.ingest import make_client
-from gateway.redis_server import RedisConfig, RedisProcess
+from gateway.redis_config import RedisConfig
+from gateway.redis_process import RedisProcess
 from gateway.testing import GatewayHandle, Publisher, WSClient
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
