@@ -39,7 +39,7 @@ from gateway.broadcast import Broadcaster, Job
 from gateway.catchup import CatchupStore
 from gateway.catchup_http import CatchupRoutes
 from gateway.connection import Connection
-from gateway.core.breaker import Backoff, CircuitBreaker
+from gateway.core.breaker import Backoff
 from gateway.core.clientip import parse_networks
 from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
@@ -47,10 +47,10 @@ from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
 from gateway.guards import RedisGuards, RedisHealth
 from gateway.http import HttpApp
-from gateway.ingest import PubSubReader, StreamConsumer
+from gateway.ingest import PubSubReader, StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
 from gateway.redis_ops import make_client
-from gateway.redis_server import run_embedded_redis
+from gateway.redis_process import run_embedded_redis
 from gateway.registry import SocketRegistry
 from gateway.revocation import Revocation
 from gateway.sectors import SectorSettings, SectorSource
@@ -80,13 +80,11 @@ class Gateway:
     revocation: Revocation
     broadcaster: Broadcaster
     admission: Admission
+    stream_consumer: StreamConsumer
+    pubsub: PubSubReader
+    status: Status
+    listener: Listener
     stop_requested: trio.Event = attrs.Factory(trio.Event)
-    #: Set once the consumer group exists and the pub/sub patterns are subscribed.
-    stream_ready: trio.Event = attrs.Factory(trio.Event)
-    pubsub_ready: trio.Event = attrs.Factory(trio.Event)
-    stream_consumer: StreamConsumer = attrs.field(init=False)
-    status: Status = attrs.field(init=False)
-    listener: Listener = attrs.field(init=False)
     port: int = 0
     admin_port: int | None = None
 
@@ -117,22 +115,6 @@ class Gateway:
     def request_stop(self) -> None:
         self.stop_requested.set()
 
-    # --- what the Redis readers use (until they take their parts directly) --------------------
-    def backoff(self) -> Backoff:
-        return Backoff(base=self.settings.redis_backoff_base, cap=self.settings.redis_backoff_cap)
-
-    @property
-    def breakers(self) -> dict[str, CircuitBreaker]:
-        return {name: guard.breaker for name, guard in self.guards}
-
-    def redis_ok(self, breaker: CircuitBreaker) -> None:
-        breaker.record_success()
-        self.redis_health.ok()
-
-    def redis_failed(self, breaker: CircuitBreaker, path: str, exc: BaseException) -> None:
-        breaker.record_failure()
-        self.redis_health.failed(path, exc)
-
 
 def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     """Wire every component of a gateway, each with only what it uses."""
@@ -154,15 +136,18 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     origins = allowed_origins(settings.allowed_origins)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
-    gw = Gateway(settings=settings, redis=redis, metrics=metrics, registry=registry, redis_health=health,
-                 guards=guards, catchup=catchup, sectors=sectors, revocation=revocation, broadcaster=broadcaster,
-                 admission=admission)
-    gw.stream_consumer = StreamConsumer(gw)
-    gw.status = Status(settings, registry, metrics, broadcaster, gw.stream_consumer, guards, health, redis)
-    http = HttpApp(settings, metrics, origins, registry, gw.status,
+    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)
+    pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
+                          Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap))
+    status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
+    http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
                    StreamAppender(redis, guards.publish, settings.stream))
-    gw.listener = Listener(ServingSettings.of(settings), registry, metrics, admission, http, trusted)
+    listener = Listener(ServingSettings.of(settings), registry, metrics, admission, http, trusted)
+    gw = Gateway(settings=settings, redis=redis, metrics=metrics, registry=registry, redis_health=health,
+                 guards=guards, catchup=catchup, sectors=sectors, revocation=revocation, broadcaster=broadcaster,
+                 admission=admission, stream_consumer=stream_consumer, pubsub=pubsub, status=status,
+                 listener=listener)
     return gw
 
 
@@ -195,7 +180,7 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         # throughput, and two woken workers may run in either order, which would reorder events.
         services.start_soon(gw.broadcaster.worker, receive)
         services.start_soon(gw.stream_consumer.run, send.clone())
-        services.start_soon(PubSubReader(gw).run, send.clone())
+        services.start_soon(gw.pubsub.run, send.clone())
         services.start_soon(gw.catchup.writer)
         services.start_soon(functools.partial(heartbeat_sweeper, gw.registry, silence=settings.heartbeat_timeout,
                                               interval=settings.heartbeat_sweep_interval))
@@ -217,8 +202,8 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
             # Report ready once Redis ingestion is in place, but never wait long: a gateway whose
             # Redis is down starts degraded and catches up when Redis appears (D17).
             with trio.move_on_after(READY_TIMEOUT):
-                await gw.stream_ready.wait()
-                await gw.pubsub_ready.wait()
+                await gw.stream_consumer.ready.wait()
+                await gw.pubsub.ready.wait()
             task_status.started(gw)
             await gw.stop_requested.wait()
             # The listener stays open during the drain so health checks see "draining" (503) and

@@ -15,7 +15,6 @@ never sees what we send and the close handshake is tracked here.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -42,8 +41,6 @@ _RECV_SIZE = 65536
 #: How long the closing handshake may take once our close frame is queued.
 CLOSE_TIMEOUT = 5.0
 _JSON_PING = '{"type":"ping"}'
-
-_ids = itertools.count(1)
 
 #: Results of :meth:`Connection.deliver`.
 DROPPED, QUEUED, WRITTEN = 0, 1, 2
@@ -91,6 +88,7 @@ class Connection:
         ws: WsProtocol,
         endpoint: Endpoint,
         *,
+        conn_id: int,
         metrics: Metrics,
         max_queue_bytes: int,
         max_message: int,
@@ -100,7 +98,7 @@ class Connection:
         direct_write: bool,
         client: str = "-",
     ) -> None:
-        self.id = next(_ids)
+        self.id = conn_id
         self.stream = stream
         self.fd = stream.socket.fileno()
         self.ws = ws

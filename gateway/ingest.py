@@ -7,17 +7,19 @@ behind a circuit breaker, and report Redis health to the gateway (D15, D17).
 The stream reader acknowledges a batch only after all its entries reached their sockets' send
 queues, in one pipelined round trip that also carries dead-letter moves. An entry whose routing
 raised stays pending; the recovery pass reclaims it and moves it to the dead-letter stream after
-``MAX_DELIVERIES`` deliveries.
+``MAX_DELIVERIES`` deliveries. What to route, acknowledge, dead-letter or retry is decided in
+``gateway.core.streambatch``; this module does the reading and the round trips.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
+import coredis
 import trio
 from coredis.exceptions import (
     ResponseError,
@@ -27,18 +29,34 @@ from coredis.exceptions import (
 from coredis.response.types import StreamPendingExt
 
 from gateway.broadcast import Job
-from gateway.core.breaker import BreakerState, CircuitBreaker
+from gateway.catchup import CatchupStore
+from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.streambatch import (
+    DeadLetter,
+    Entry,
+    StaleGroups,
+    ack_ids,
+    dlq_fields,
+    group_name,
+    idle_times,
+    last_entry_id,
+    other_instance_group,
+    restart_id,
+    sort_batch,
+    split_claimed,
+    text,
+)
+from gateway.guards import RedisGuard
 from gateway.logs import RateLimitedLog
+from gateway.metrics import Metrics
 from gateway.redis_ops import (
     DLQ_MAXLEN,
     group_missing,
     raise_unless_redis_failure,
     xadd_capped,
 )
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")
 
@@ -51,15 +69,13 @@ PUBSUB_PATTERNS = (
     "session:*",
     "tenant:*:admin",
 )
-MAX_DELIVERIES = 3
 #: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
 
-_invalid_log = RateLimitedLog(log, interval=60.0)
 
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+def _entries(items: Iterable[Any]) -> list[Entry]:
+    """coredis stream entries as (id, ``data`` field) pairs."""
+    return [(item.identifier, item.field_values.get(b"data", b"")) for item in items]
 
 
 @attrs.define(eq=False)
@@ -81,25 +97,59 @@ class _Batch:
         return on_done
 
 
+@attrs.frozen
+class StreamSettings:
+    """The settings the stream reader uses."""
+
+    stream: str
+    dlq_stream: str
+    group: str
+    group_prefix: str
+    consumer: str
+    batch: int
+    block_ms: int
+    reclaim_idle: float
+    reclaim_interval: float
+    group_stale_after: float
+    catchup_window: float
+    max_message_size: int
+    backoff_base: float
+    backoff_cap: float
+
+    @classmethod
+    def of(cls, s: Settings) -> StreamSettings:
+        return cls(s.stream, s.dlq_stream, s.consumer_group, s.group_prefix, s.instance_id, s.stream_batch,
+                   s.stream_block_ms, s.reclaim_idle, s.reclaim_interval, s.group_stale_after, s.catchup_window,
+                   s.max_message_size, s.redis_backoff_base, s.redis_backoff_cap)
+
+
 @attrs.define(eq=False)
 class StreamConsumer:
-    gw: Gateway
-    _consumerless: dict[str, float] = attrs.Factory(dict)
+    redis: coredis.Redis[bytes]
+    guard: RedisGuard
+    settings: StreamSettings
+    metrics: Metrics
+    #: Its pending appends ride in each batch's acknowledgement round trip.
+    catchup: CatchupStore
+    #: Set once the consumer group exists.
+    ready: trio.Event = attrs.Factory(trio.Event)
+    _stale_groups: StaleGroups = attrs.Factory(StaleGroups)
+    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     last_id: str | None = None
     processed: int = 0
 
     @property
     def _group(self) -> str:
-        return self.gw.settings.consumer_group
+        return self.settings.group
 
     @property
     def _consumer(self) -> str:
-        return self.gw.settings.instance_id
+        return self.settings.consumer
 
     async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        gw = self.gw
-        backoff = gw.backoff()
-        breaker = gw.breakers["stream"]
+        settings, guard = self.settings, self.guard
+        backoff = Backoff(base=settings.backoff_base, cap=settings.backoff_cap)
+        breaker = guard.breaker
         next_reclaim = 0.0
         next_stale_check = 0.0
         group_ready = False
@@ -119,233 +169,189 @@ class StreamConsumer:
                     # come back first, before new ones.
                     await self.replay_own_pending(jobs)
                     group_ready = True
-                    gw.stream_ready.set()
+                    self.ready.set()
                 now = trio.current_time()
                 if now >= next_reclaim:
                     await self.reclaim(jobs)
-                    next_reclaim = now + gw.settings.reclaim_interval
+                    next_reclaim = now + self.settings.reclaim_interval
                 if now >= next_stale_check:
                     await self.remove_stale_groups()
-                    next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, gw.settings.group_stale_after / 2)
-                entries = await gw.redis.xreadgroup(
+                    next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, self.settings.group_stale_after / 2)
+                entries = await self.redis.xreadgroup(
                     self._group,
                     self._consumer,
-                    count=gw.settings.stream_batch,
-                    block=gw.settings.stream_block_ms,
-                    streams={gw.settings.stream: ">"},
+                    count=self.settings.batch,
+                    block=self.settings.block_ms,
+                    streams={self.settings.stream: ">"},
                 )
-                gw.redis_ok(breaker)
+                guard.ok()
                 backoff.reset()
                 if entries:
                     for _stream, items in entries.items():
-                        await self.process(items, jobs)
+                        await self.process(_entries(items), jobs)
             except BaseException as exc:
                 if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
-                    gw.redis_ok(breaker)
+                    guard.ok()
                     # Recreated at the top of the loop, inside the try: a Redis failure while doing
                     # it is then an outage like any other, not a crash of this task.
                     group_ready = False
                     group_lost = True
                     continue
                 raise_unless_redis_failure(exc)
-                gw.redis_failed(breaker, "stream", exc)
+                guard.failed(exc)
                 await trio.sleep(backoff.next_delay())
 
     async def replay_own_pending(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        gw = self.gw
         while True:
-            entries = await gw.redis.xreadgroup(
-                self._group, self._consumer, count=gw.settings.stream_batch, streams={gw.settings.stream: "0"}
+            entries = await self.redis.xreadgroup(
+                self._group, self._consumer, count=self.settings.batch, streams={self.settings.stream: "0"}
             )
             items = [item for _s, batch in (entries or {}).items() for item in batch if item.field_values]
             if not items:
                 return
             log.info("re-delivering entries left pending by a previous run", extra={"count": len(items)})
             before = self.processed
-            await self.process(items, jobs)
+            await self.process(_entries(items), jobs)
             if self.processed == before:
                 return  # routing keeps failing: leave them to the reclaim pass and the DLQ
 
     async def remove_stale_groups(self) -> None:
         """Delete other instances' groups whose consumers have all been idle too long (D14)."""
-        gw = self.gw
-        prefix = gw.settings.group_prefix + ":"
-        stale_ms = gw.settings.group_stale_after * 1000
         try:
-            groups = await gw.redis.xinfo_groups(gw.settings.stream)
+            groups = await self.redis.xinfo_groups(self.settings.stream)
         except ResponseError:
             return
         for group in groups:
-            name = _text(group.get(b"name", group.get("name", b"")))  # type: ignore[call-overload]
-            if not name.startswith(prefix) or name == self._group:
+            name = group_name(group)
+            if not other_instance_group(name, prefix=self.settings.group_prefix, own=self._group):
                 continue
             try:
-                consumers = await gw.redis.xinfo_consumers(gw.settings.stream, name)
+                consumers = await self.redis.xinfo_consumers(self.settings.stream, name)
             except StreamConsumerGroupError:
                 continue  # removed meanwhile by another instance
-            idle = [int(c.get(b"idle", c.get("idle", 0)) or 0) for c in consumers]  # type: ignore[call-overload]
-            if idle:
-                stale = min(idle) >= stale_ms
-            else:
-                # No consumer (created, never read): its age is unknown, so time it from here.
-                first_seen = self._consumerless.setdefault(name, trio.current_time())
-                stale = trio.current_time() - first_seen >= gw.settings.group_stale_after
-            if stale:
-                self._consumerless.pop(name, None)
+            if self._stale_groups.stale(name, idle_times(consumers), now=trio.current_time(),
+                                        stale_after=self.settings.group_stale_after):
                 try:
-                    await gw.redis.xgroup_destroy(gw.settings.stream, name)
+                    await self.redis.xgroup_destroy(self.settings.stream, name)
                 except StreamConsumerGroupError:
                     continue
                 log.warning("removed the consumer group of a departed instance", extra={"group": name})
 
     async def ensure_group(self) -> None:
         try:
-            await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, "$", mkstream=True)
+            await self.redis.xgroup_create(self.settings.stream, self._group, "$", mkstream=True)
             log.info("consumer group created", extra={"group": self._group})
         except StreamDuplicateConsumerGroupError:
             pass  # BUSYGROUP: ours from a previous run, with its position and pending entries
 
     async def recreate_group(self) -> None:
         """After NOGROUP: resume where this instance stopped, but never before the catch-up window."""
-        window_start_ms = int((time.time() - self.gw.settings.catchup_window) * 1000)
-        start = f"{window_start_ms}-0"
-        if self.last_id is not None and _id_ms(self.last_id) >= window_start_ms:
-            start = self.last_id
+        start = restart_id(self.last_id, now=time.time(), catchup_window=self.settings.catchup_window)
         try:
-            await self.gw.redis.xgroup_create(self.gw.settings.stream, self._group, start, mkstream=True)
+            await self.redis.xgroup_create(self.settings.stream, self._group, start, mkstream=True)
             log.info("consumer group recreated", extra={"group": self._group, "start": start})
         except StreamDuplicateConsumerGroupError:
             pass
 
-    async def process(self, items: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
+    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job]) -> None:
         """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
-        gw = self.gw
         now = trio.current_time()
-        dead: list[tuple[Any, bytes, str]] = []
-        valid: list[tuple[Any, Any]] = []
-        for item in items:
-            raw = item.field_values.get(b"data", b"")
-            gw.metrics.events_received.labels("stream").inc()
-            try:
-                event = parse_event(raw, max_size=gw.settings.max_message_size)
-            except InvalidEvent as exc:
-                gw.metrics.events_invalid.labels("stream", exc.reason).inc()
-                _invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=exc.reason)
-                dead.append((item.identifier, raw if isinstance(raw, bytes) else b"", f"invalid: {exc.reason}"))
-                continue
-            valid.append((item.identifier, event))
-        batch = _Batch(pending=len(valid))
-        for entry_id, event in valid:
-            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=batch.callback(entry_id)))
-        if valid:
-            await batch.done.wait()
-        if items:
-            self.last_id = _text(items[-1].identifier)
-        await self.finish(batch.acked, dead)
-        self.processed += len(batch.acked)
+        self.metrics.events_received.labels("stream").inc(len(entries))
+        batch = sort_batch(entries, max_size=self.settings.max_message_size)
+        for invalid in batch.invalid:
+            self.metrics.events_invalid.labels("stream", invalid.reason).inc()
+            self._invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=invalid.reason)
+        tracking = _Batch(pending=len(batch.valid))
+        for entry_id, event in batch.valid:
+            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=tracking.callback(entry_id)))
+        if batch.valid:
+            await tracking.done.wait()
+        if entries:
+            self.last_id = last_entry_id(entries)
+        await self.finish(tracking.acked, batch.dead)
+        self.processed += len(tracking.acked)
 
-    async def finish(self, acked: list[Any], dead: list[tuple[Any, bytes, str]]) -> None:
-        gw = self.gw
-        ids = acked + [d[0] for d in dead]
+    async def finish(self, acked: list[Any], dead: list[DeadLetter]) -> None:
+        ids = ack_ids(acked, dead)
         if not ids:
             return
-        async with gw.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             # The batch's catch-up appends ride in the same round trip as its acknowledgements.
-            gw.catchup.take_into(pipe)
-            for entry_id, raw, error in dead:
-                xadd_capped(pipe, gw.settings.dlq_stream, self._dlq_fields(entry_id, raw, error, 1), DLQ_MAXLEN)
-            pipe.xack(gw.settings.stream, self._group, ids)
-        gw.metrics.stream_acked.inc(len(ids))
+            self.catchup.take_into(pipe)
+            for letter in dead:
+                xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
+            pipe.xack(self.settings.stream, self._group, ids)
+        self.metrics.stream_acked.inc(len(ids))
         for _ in dead:
-            gw.metrics.dlq.labels("invalid").inc()
+            self.metrics.dlq.labels("invalid").inc()
 
-    def _dlq_fields(self, entry_id: Any, raw: bytes, error: str, deliveries: int) -> dict[str, Any]:
-        return {
-            "original_id": _text(entry_id),
-            "original_stream": self.gw.settings.stream,
-            "data": raw,
-            "retry_count": str(deliveries),
-            "failed_at": repr(time.time()),
-            "consumer": self._consumer,
-            "error": error,
-        }
+    def _dlq_fields(self, letter: DeadLetter) -> dict[str, Any]:
+        return dlq_fields(letter, stream=self.settings.stream, consumer=self._consumer, failed_at=time.time())
 
     async def reclaim(self, jobs: trio.MemorySendChannel[Job]) -> None:
         """Take back entries idle for ``reclaim_idle`` (following the cursor to the end); entries
         delivered ``MAX_DELIVERIES`` times go to the dead-letter stream."""
-        gw = self.gw
         cursor: Any = "0-0"
-        idle_ms = int(gw.settings.reclaim_idle * 1000)
+        idle_ms = int(self.settings.reclaim_idle * 1000)
         while True:
-            result = await gw.redis.xautoclaim(gw.settings.stream, self._group, self._consumer, idle_ms, cursor,
+            result = await self.redis.xautoclaim(self.settings.stream, self._group, self._consumer, idle_ms, cursor,
                                                count=100)
             cursor, claimed = result[0], [c for c in result[1] if c.field_values]
             deleted = list(result[2]) if len(result) > 2 else []
             if deleted:
                 # Trimmed from the stream while pending: nothing left to deliver.
-                await gw.redis.xack(gw.settings.stream, self._group, deleted)
+                await self.redis.xack(self.settings.stream, self._group, deleted)
             if claimed:
                 await self._retry_claimed(claimed, jobs)
-            if _text(cursor) == "0-0":
+            if text(cursor) == "0-0":
                 return
 
     async def _retry_claimed(self, claimed: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
-        gw = self.gw
         first, last = claimed[0].identifier, claimed[-1].identifier
         # The claimed entries are ours now. Between them in our list there can only be entries whose
         # routing failed less than ``reclaim_idle`` ago (no batch is in flight while this runs).
-        pending = await gw.redis.xpending(gw.settings.stream, self._group, start=first, end=last,
-                                          count=len(claimed) + gw.settings.stream_batch, consumer=self._consumer)
-        deliveries = {_text(p.identifier): int(p.delivered) for p in pending if isinstance(p, StreamPendingExt)}
-        retry: list[Any] = []
-        dead: list[tuple[Any, bytes, str]] = []
-        for item in claimed:
-            raw = item.field_values.get(b"data", b"")
-            if deliveries.get(_text(item.identifier), 1) >= MAX_DELIVERIES:
-                dead.append((item.identifier, raw, f"routing failed {MAX_DELIVERIES} times"))
-            else:
-                retry.append(item)
+        pending = await self.redis.xpending(self.settings.stream, self._group, start=first, end=last,
+                                          count=len(claimed) + self.settings.batch, consumer=self._consumer)
+        deliveries = {text(p.identifier): int(p.delivered) for p in pending if isinstance(p, StreamPendingExt)}
+        retry, dead = split_claimed(_entries(claimed), deliveries)
         if dead:
-            async with gw.redis.pipeline(transaction=False) as pipe:
-                for entry_id, raw, error in dead:
-                    xadd_capped(pipe, gw.settings.dlq_stream,
-                                self._dlq_fields(entry_id, raw, error, deliveries.get(_text(entry_id), 0)),
-                                DLQ_MAXLEN)
-                pipe.xack(gw.settings.stream, self._group, [d[0] for d in dead])
-            gw.metrics.dlq.labels("retries").inc(len(dead))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for letter in dead:
+                    xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
+                pipe.xack(self.settings.stream, self._group, [d.entry_id for d in dead])
+            self.metrics.dlq.labels("retries").inc(len(dead))
             log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
         if retry:
             await self.process(retry, jobs)
 
 
-def _id_ms(entry_id: str) -> int:
-    try:
-        return int(entry_id.split("-", 1)[0])
-    except ValueError:
-        return 0
-
-
 @attrs.define(eq=False)
 class PubSubReader:
-    gw: Gateway
+    redis: coredis.Redis[bytes]
+    guard: RedisGuard
+    metrics: Metrics
+    max_message_size: int
+    backoff: Backoff
+    #: Set once the patterns are subscribed.
+    ready: trio.Event = attrs.Factory(trio.Event)
+    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
 
     async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        gw = self.gw
-        backoff = gw.backoff()
-        breaker = gw.breakers["pubsub"]
+        guard, backoff = self.guard, self.backoff
+        breaker = guard.breaker
         while True:
             if not breaker.allow():
                 await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
                 continue
             try:
                 # Our own retry loop (not coredis') so outages reach the breaker and health.
-                pubsub = gw.redis.pubsub(
+                pubsub = self.redis.pubsub(
                     patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None
                 )
                 async with pubsub:
-                    gw.pubsub_ready.set()
-                    gw.redis_ok(breaker)
+                    self.ready.set()
+                    guard.ok()
                     backoff.reset()
                     await self.finish_trial(breaker)
                     async for message in pubsub:
@@ -355,7 +361,7 @@ class PubSubReader:
                 raise ConnectionError("pub/sub connection ended")
             except BaseException as exc:
                 raise_unless_redis_failure(exc)
-                gw.redis_failed(breaker, "pubsub", exc)
+                guard.failed(exc)
                 await trio.sleep(backoff.next_delay())
 
     async def finish_trial(self, breaker: CircuitBreaker) -> None:
@@ -366,16 +372,15 @@ class PubSubReader:
         would stay half-open until the next outage.
         """
         while breaker.state is BreakerState.HALF_OPEN and breaker.allow():
-            await self.gw.redis.ping()
-            self.gw.redis_ok(breaker)
+            await self.redis.ping()
+            self.guard.ok()
 
     async def handle(self, raw: Any, jobs: trio.MemorySendChannel[Job]) -> None:
-        gw = self.gw
-        gw.metrics.events_received.labels("pubsub").inc()
+        self.metrics.events_received.labels("pubsub").inc()
         try:
-            event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=gw.settings.max_message_size)
+            event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=self.max_message_size)
         except InvalidEvent as exc:
-            gw.metrics.events_invalid.labels("pubsub", exc.reason).inc()
-            _invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
+            self.metrics.events_invalid.labels("pubsub", exc.reason).inc()
+            self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
             return
         await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))

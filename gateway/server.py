@@ -11,9 +11,10 @@ codes 4001/4003 (D1) instead of an opaque HTTP 403.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -183,6 +184,8 @@ class Listener:
     http: HttpApp
     trusted_proxies: tuple[Network, ...]
     _pending_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
+    #: Ids of this listener's sockets, in accept order (they appear in its logs).
+    _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
 
 
     async def handle_tcp(self, stream: trio.SocketStream, *, admin: bool = False) -> None:
@@ -335,6 +338,7 @@ class Listener:
             stream,
             upgrade.protocol,
             endpoint,
+            conn_id=next(self._ids),
             metrics=self.metrics,
             max_queue_bytes=settings.send_queue_max_bytes,
             max_message=settings.max_message_size,

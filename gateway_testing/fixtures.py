@@ -10,8 +10,9 @@ import pytest
 import trio
 
 from gateway.app import Gateway, run_gateway
-from gateway.ingest import make_client
-from gateway.redis_server import RedisConfig, RedisProcess
+from gateway.redis_config import RedisConfig
+from gateway.redis_ops import make_client
+from gateway.redis_process import RedisProcess
 from gateway_testing.handle import GatewayHandle, test_settings
 from gateway_testing.publisher import Publisher
 

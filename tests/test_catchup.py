@@ -229,7 +229,7 @@ async def test_a_since_beyond_any_stream_id_is_an_empty_answer(gateway: GatewayH
     token = gateway.staff_token()
     diner = gateway.table_token()
     # More requests than the Redis circuit breaker tolerates failures: none of them may count as one.
-    for _ in range(2 * gateway.gw.breakers["catchup"].failure_threshold):
+    for _ in range(2 * gateway.gw.guards.catchup.breaker.failure_threshold):
         response = await staff_catchup(gateway, token, since="1e20")
         assert response.json() == {"events": [], "count": 0}
         response = await session_catchup(gateway, diner, since="1e20")

@@ -33,8 +33,9 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from gateway.core import routing
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.model import Event
+from gateway.redis_config import RedisConfig, free_port
 from gateway.redis_ops import STREAM_MAXLEN, is_redis_failure, make_client, xadd_capped
-from gateway.redis_server import RedisConfig, RedisProcess, free_port
+from gateway.redis_process import RedisProcess
 from gateway.settings import Settings
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient, staff_token
 
@@ -637,7 +638,7 @@ async def test_deleted_stream_recovers_its_group_and_keeps_delivering(
         assert [seq_of(f) for f in frames] == [2, 3]
         await wait_for(functools.partial(_no_pending, client, gw.settings.consumer_group), 10, "all acked")
     # A deleted stream is not a Redis outage.
-    assert gw.gw.breakers["stream"].failures == 0
+    assert gw.gw.guards.stream.breaker.failures == 0
     assert (await http_get(f"{gw.url}/ws/health/detailed")).status_code == 200
 
 

