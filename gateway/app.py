@@ -33,31 +33,31 @@ import attrs
 import coredis
 import trio
 
-from gateway.admission import Admission, Limits
-from gateway.appender import StreamAppender
-from gateway.broadcast import Broadcaster, Job
-from gateway.catchup import CatchupStore
-from gateway.catchup_http import CatchupRoutes
-from gateway.connection import Connection
+from gateway.access.admission import Admission, Limits
+from gateway.access.revocation import Revocation
+from gateway.access.sectors import SectorSettings, SectorSource
+from gateway.catchup.store import CatchupStore
 from gateway.core.breaker import Backoff
 from gateway.core.clientip import parse_networks
 from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
-from gateway.guards import RedisGuards, RedisHealth
-from gateway.http import HttpApp
-from gateway.ingest import PubSubReader, StreamConsumer, StreamSettings
+from gateway.fanout.broadcast import Broadcaster, Job
+from gateway.ingest.readers import PubSubReader, StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
-from gateway.redis_ops import make_client
-from gateway.redis_process import run_embedded_redis
-from gateway.registry import SocketRegistry
-from gateway.revocation import Revocation
-from gateway.sectors import SectorSettings, SectorSource
-from gateway.server import Listener, ServingSettings
+from gateway.redisio.client import make_client
+from gateway.redisio.embedded import run_embedded_redis
+from gateway.redisio.guards import RedisGuards, RedisHealth
+from gateway.serving.appender import StreamAppender
+from gateway.serving.catchup_http import CatchupRoutes
+from gateway.serving.connection import Connection
+from gateway.serving.http import HttpApp
+from gateway.serving.listener import Listener, ServingSettings
+from gateway.serving.registry import SocketRegistry
+from gateway.serving.status import Status
+from gateway.serving.sweepers import drain, heartbeat_sweeper, revalidator
 from gateway.settings import Settings
-from gateway.status import Status
-from gateway.sweepers import drain, heartbeat_sweeper, revalidator
 
 log = logging.getLogger("gateway")
 

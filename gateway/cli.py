@@ -146,7 +146,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def send() -> str:
-        from gateway.redis_ops import STREAM_MAXLEN, make_client, xadd_capped
+        from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
 
         client = make_client(url)
         with trio.fail_after(PUBLISH_TIMEOUT):
@@ -157,7 +157,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                 entry = await xadd_capped(client, settings.stream, {"data": payload}, STREAM_MAXLEN)
                 return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
 
-    from gateway.redis_ops import is_redis_failure
+    from gateway.redisio.client import is_redis_failure
     from gateway.settings import redact_url_password
 
     try:
@@ -192,8 +192,8 @@ def _first_error(exc: BaseException) -> str:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     import trio
 
-    from gateway.dlq import list_dead_letters, replay_dead_letters
-    from gateway.redis_ops import is_redis_failure, make_client
+    from gateway.ingest.dlq import list_dead_letters, replay_dead_letters
+    from gateway.redisio.client import is_redis_failure, make_client
     from gateway.settings import redact_url_password
 
     settings = _settings_from(argparse.Namespace())

@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from gateway.app import Gateway, run_gateway
-from gateway.redis_config import RedisConfig
-from gateway.redis_ops import make_client
-from gateway.redis_process import RedisProcess
+from gateway.redisio.client import make_client
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing.handle import GatewayHandle, test_settings
 from gateway_testing.publisher import Publisher
 

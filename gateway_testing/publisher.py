@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 
 from gateway.core.events import encode_envelope, envelope
-from gateway.redis_ops import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
 
 __all__ = ["Publisher", "now_iso"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway.redis_config import free_port
+from gateway.redisio.embedded_config import free_port
 
 TABLE_DDL = """
 CREATE TABLE waiter_sector_assignment (

@@ -19,7 +19,7 @@ import trio
 
 from gateway.core.routing import DINER_CATCHUP_TYPES
 from gateway.core.tokens import mint_legacy_table_token, mint_staff_token
-from gateway.redis_ops import make_client
+from gateway.redisio.client import make_client
 from gateway_testing import GatewayHandle, Publisher, WSClient
 
 SENTINEL = "PRODUCT_AVAILABILITY_CHANGED"

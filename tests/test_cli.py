@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from gateway.core.auth import verify_staff_token, verify_table_token
-from gateway.redis_ops import make_client
+from gateway.redisio.client import make_client
 from gateway.settings import (
     DEFAULT_JWT_SECRET,
     DEFAULT_TABLE_TOKEN_SECRET,

@@ -24,8 +24,8 @@ import yaml  # type: ignore[import-untyped]
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.cli import build_parser
-from gateway.http import ROUTES
 from gateway.metrics import Metrics
+from gateway.serving.http import ROUTES
 from gateway.settings import Settings, settings_fields
 from gateway_testing import GatewayHandle
 

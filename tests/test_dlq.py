@@ -6,7 +6,7 @@ import sys
 import coredis
 import trio
 
-from gateway.dlq import list_dead_letters, replay_dead_letters
+from gateway.ingest.dlq import list_dead_letters, replay_dead_letters
 from gateway_testing import GatewayHandle, Publisher
 
 

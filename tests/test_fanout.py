@@ -19,9 +19,9 @@ from helpers import client_frame, compact
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, Request
 
-from gateway.connection import CLOSE_TIMEOUT
 from gateway.core.events import envelope
-from gateway.redis_ops import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.serving.connection import CLOSE_TIMEOUT
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient
 
 PONG = '{"type":"pong"}'

@@ -33,9 +33,9 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from gateway.core import routing
 from gateway.core.events import encode_envelope, envelope
 from gateway.core.model import Event
-from gateway.redis_config import RedisConfig, free_port
-from gateway.redis_ops import STREAM_MAXLEN, is_redis_failure, make_client, xadd_capped
-from gateway.redis_process import RedisProcess
+from gateway.redisio.client import STREAM_MAXLEN, is_redis_failure, make_client, xadd_capped
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig, free_port
 from gateway.settings import Settings
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, Publisher, WSClient, staff_token
 
@@ -555,7 +555,7 @@ def poison_routing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             raise RuntimeError("routing exploded")
         return routing.audience(event, index)
 
-    monkeypatch.setattr("gateway.broadcast.audience", audience)
+    monkeypatch.setattr("gateway.fanout.broadcast.audience", audience)
     return attempts
 
 

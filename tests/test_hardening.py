@@ -27,7 +27,7 @@ from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
-from gateway.redis_config import free_port
+from gateway.redisio.embedded_config import free_port
 from gateway.settings import Settings, settings_fields
 from gateway_testing import DEFAULT_ORIGIN
 

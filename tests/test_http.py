@@ -18,9 +18,9 @@ import httpx
 import pytest
 import trio
 
-from gateway.redis_config import RedisConfig
-from gateway.redis_ops import make_client
-from gateway.redis_process import RedisProcess
+from gateway.redisio.client import make_client
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing import GatewayHandle, Publisher
 
 Factory = Callable[..., Awaitable[GatewayHandle]]

@@ -39,8 +39,8 @@ from helpers import dev_staff_token
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from gateway.core.events import encode_envelope, envelope
-from gateway.redis_config import free_port
-from gateway.redis_ops import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.embedded_config import free_port
 from gateway.settings import settings_fields
 from gateway_client import ConnectionState, GatewayClient, HttpError, http_get
 from gateway_testing import DEFAULT_ORIGIN

@@ -25,7 +25,7 @@ from helpers import dev_staff_token
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from gateway.app import run_gateway
-from gateway.redis_config import free_port
+from gateway.redisio.embedded_config import free_port
 from gateway.settings import settings_fields
 from gateway_testing import DEFAULT_ORIGIN, test_settings
 

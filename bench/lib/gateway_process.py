@@ -19,8 +19,8 @@ from bench.lib.constants import ROOT, VENV_BIN
 from bench.lib.gateway_code import export_gateway, gateway_code_identity
 from bench.lib.log import log
 from bench.lib.processes import python_exe, spawn, stop_process
-from gateway.redis_config import RedisConfig, free_port
-from gateway.redis_process import RedisProcess
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import RedisConfig, free_port
 from gateway.settings import settings_fields
 
 #: The instrumented gateway (tracemalloc snapshots, GC pauses); run by path, see its docstring.

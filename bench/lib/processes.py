@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from bench.lib.constants import VENV_BIN
-from gateway.redis_process import stop_process as _stop_process
+from gateway.redisio.embedded import stop_process as _stop_process
 
 #: What ``spawn`` accepts for a standard stream: a pipe/DEVNULL constant, a file, or None.
 Stream = int | IO[Any] | None
@@ -45,7 +45,7 @@ def spawn(
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
     """Terminate one child we started (by its own handle), then kill it if it lingers.
 
-    The sequence is ``gateway.redis_process.stop_process``; here a missing process is fine and a
+    The sequence is ``gateway.redisio.embedded.stop_process``; here a missing process is fine and a
     child that outlives SIGKILL's wait does not raise out of a ``finally``.
     """
     if proc is None:

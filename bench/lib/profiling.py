@@ -71,7 +71,7 @@ def read_folded(path: Path) -> list[tuple[list[str], int]]:
 
 
 def _short_frame(frame: str) -> str:
-    # "deliver (gateway/connection.py:139)" -> keep the package-relative file, drop site-packages.
+    # "deliver (gateway/serving/connection.py:139)" -> keep the package-relative file, drop site-packages.
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     for marker in ("site-packages/", "lib/python3"):
@@ -103,7 +103,7 @@ def is_idle_stack(frames: Sequence[str]) -> bool:
 
 
 def _function_key(frame: str) -> str:
-    """ "deliver (gateway/connection.py:152)" -> "deliver (gateway/connection.py)"."""
+    """ "deliver (gateway/serving/connection.py:152)" -> "deliver (gateway/serving/connection.py)"."""
     name, sep, where = frame.partition(" (")
     if not sep:
         return frame

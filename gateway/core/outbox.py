@@ -1,6 +1,6 @@
 """One socket's outbound queue as plain state: what to write next, and whether it is over budget.
 
-The socket writer (``gateway.connection``) only moves bytes: it asks :meth:`Outbox.pending` for
+The socket writer (``gateway.serving.connection``) only moves bytes: it asks :meth:`Outbox.pending` for
 what to hand the kernel and reports back with :meth:`Outbox.consumed`. Every frame we send, event
 frames and our own replies alike (pongs, ``{"type":"pong"}``, close frames), counts in one byte
 budget, so what a client can make the gateway hold is bounded whatever it sends. At most one

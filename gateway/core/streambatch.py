@@ -1,6 +1,6 @@
 """The stream consumer's decisions, without I/O: what to route, acknowledge, dead-letter or retry.
 
-``gateway.ingest.StreamConsumer`` reads ``events:critical`` through this instance's consumer group
+``gateway.ingest.readers.StreamConsumer`` reads ``events:critical`` through this instance's consumer group
 and does the Redis round trips; every choice it makes about the entries is taken here, over plain
 values (entry ids and ``data`` fields as Redis returned them, delivery counts, clocks passed in):
 

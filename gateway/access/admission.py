@@ -26,6 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
+from gateway.access.revocation import Revocation
+from gateway.access.sectors import SectorSource
 from gateway.core import closecodes
 from gateway.core.auth import AuthError, diner_principal, staff_principal
 from gateway.core.closecodes import Close
@@ -34,13 +36,11 @@ from gateway.core.model import Endpoint, Principal
 from gateway.core.origins import origin_allowed
 from gateway.logs import redact_target
 from gateway.metrics import Metrics
-from gateway.registry import SocketRegistry
-from gateway.revocation import Revocation
-from gateway.sectors import SectorSource
+from gateway.serving.registry import SocketRegistry
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.connection import Connection
+    from gateway.serving.connection import Connection
 
 log = logging.getLogger("gateway.server")
 

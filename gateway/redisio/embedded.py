@@ -2,7 +2,7 @@
 
 Three users: the gateway's embedded default (``run_embedded_redis``, a Trio task in the root
 nursery), the test suite and the benchmarks (``RedisProcess``, synchronous control that can also
-kill -9 and restart the server for fault tests). Which binary and arguments: ``gateway.redis_config``.
+kill -9 and restart the server for fault tests). Which binary and arguments: ``gateway.redisio.embedded_config``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import BinaryIO
 import attrs
 import trio
 
-from gateway.redis_config import (
+from gateway.redisio.embedded_config import (
     LOG_NAME,
     SOCKET_NAME,
     RedisConfig,

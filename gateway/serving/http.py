@@ -17,16 +17,16 @@ import h11
 import trio
 
 from gateway import __version__
-from gateway.appender import StreamAppender
-from gateway.catchup_http import CatchupRoutes
 from gateway.core import health as pages
 from gateway.core.events import InvalidEvent, parse_event
-from gateway.http_types import HttpRequest, Response, json_response, text_response
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
-from gateway.registry import SocketRegistry
+from gateway.serving.appender import StreamAppender
+from gateway.serving.catchup_http import CatchupRoutes
+from gateway.serving.http_types import HttpRequest, Response, json_response, text_response
+from gateway.serving.registry import SocketRegistry
+from gateway.serving.status import Status
 from gateway.settings import Settings
-from gateway.status import Status
 
 log = logging.getLogger("gateway.http")
 

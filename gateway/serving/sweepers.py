@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import trio
 
+from gateway.access.revocation import Revocation
 from gateway.core import closecodes
 from gateway.core.auth import AuthError, recheck_table_principal
 from gateway.core.model import Principal
 from gateway.metrics import Metrics
-from gateway.registry import SocketRegistry
-from gateway.revocation import Revocation
+from gateway.serving.registry import SocketRegistry
 
 log = logging.getLogger("gateway")
 

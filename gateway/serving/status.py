@@ -13,14 +13,14 @@ import attrs
 import coredis
 import trio
 
-from gateway.broadcast import Broadcaster
 from gateway.core import health
 from gateway.core.breaker import BreakerState
-from gateway.guards import RedisGuards, RedisHealth
-from gateway.ingest import StreamConsumer
+from gateway.fanout.broadcast import Broadcaster
+from gateway.ingest.readers import StreamConsumer
 from gateway.metrics import Metrics
-from gateway.redis_ops import is_redis_failure
-from gateway.registry import SocketRegistry
+from gateway.redisio.client import is_redis_failure
+from gateway.redisio.guards import RedisGuards, RedisHealth
+from gateway.serving.registry import SocketRegistry
 from gateway.settings import Settings
 
 PROBE_TIMEOUT = 2.0

@@ -6,7 +6,7 @@ append), so every stored event has a stream id that a resume-by-offset feature c
 buffered and written in one pipelined round trip: with a stream batch's acknowledgements when
 there is one, otherwise by the writer task within a few milliseconds.
 
-Reads return what the store holds for a branch; the HTTP layer (``gateway.catchup_http``) filters
+Reads return what the store holds for a branch; the HTTP layer (``gateway.serving.catchup_http``) filters
 them with the routing predicate itself.
 """
 
@@ -23,8 +23,8 @@ import trio
 
 from gateway.core.events import InvalidEvent, parse_event
 from gateway.core.model import Event
-from gateway.guards import RedisGuard
-from gateway.redis_ops import is_redis_failure
+from gateway.redisio.client import is_redis_failure
+from gateway.redisio.guards import RedisGuard
 
 log = logging.getLogger("gateway.catchup")
 

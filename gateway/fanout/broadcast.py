@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from gateway.connection import WRITTEN
 from gateway.core.dedup import Deduper
 from gateway.core.frames import text_frame
 from gateway.core.routing import audience
+from gateway.serving.connection import WRITTEN
 
 if TYPE_CHECKING:
-    from gateway.connection import Connection
     from gateway.core.index import ConnectionIndex
     from gateway.core.model import Event
     from gateway.metrics import Metrics
+    from gateway.serving.connection import Connection
 
 log = logging.getLogger("gateway.broadcast")
 

@@ -28,8 +28,7 @@ from coredis.exceptions import (
 )
 from coredis.response.types import StreamPendingExt
 
-from gateway.broadcast import Job
-from gateway.catchup import CatchupStore
+from gateway.catchup.store import CatchupStore
 from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
 from gateway.core.streambatch import (
@@ -47,15 +46,16 @@ from gateway.core.streambatch import (
     split_claimed,
     text,
 )
-from gateway.guards import RedisGuard
+from gateway.fanout.broadcast import Job
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
-from gateway.redis_ops import (
+from gateway.redisio.client import (
     DLQ_MAXLEN,
     group_missing,
     raise_unless_redis_failure,
     xadd_capped,
 )
+from gateway.redisio.guards import RedisGuard
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")

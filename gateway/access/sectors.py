@@ -32,7 +32,7 @@ import coredis
 import trio
 
 from gateway.core.model import Principal
-from gateway.redis_ops import is_redis_failure
+from gateway.redisio.client import is_redis_failure
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.sectors")

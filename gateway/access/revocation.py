@@ -10,8 +10,8 @@ import trio
 
 from gateway.core.auth import is_revoked, revocation_keys
 from gateway.core.model import Principal
-from gateway.guards import RedisGuard
-from gateway.redis_ops import is_redis_failure
+from gateway.redisio.client import is_redis_failure
+from gateway.redisio.guards import RedisGuard
 
 REVOCATION_TIMEOUT = 2.0
 

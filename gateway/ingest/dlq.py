@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from gateway.redis_ops import STREAM_MAXLEN, xadd_capped
+from gateway.redisio.client import STREAM_MAXLEN, xadd_capped
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,1 @@
+"""Jobs -> sockets: route each event once, encode its frame once, hand it to every recipient."""

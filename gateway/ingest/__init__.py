@@ -1,0 +1,1 @@
+"""Redis -> jobs: the critical stream through this instance's consumer group, pub/sub, dead letters."""

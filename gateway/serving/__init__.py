@@ -1,0 +1,1 @@
+"""The listener, the sockets, the HTTP routes and the tasks that sweep over every socket."""
