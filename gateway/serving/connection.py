@@ -28,6 +28,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from gateway.core import closecodes, frames
 from gateway.core.closecodes import Close
+from gateway.core.closing import Closing
 from gateway.core.outbox import Outbox
 from gateway.core.ratelimit import SlidingWindow
 
@@ -59,11 +60,9 @@ class Connection:
         "_max_frames",
         "_max_message",
         "_text",
-        "_unparseable",
         "_writer_done",
         "client",
-        "close_code",
-        "closing",
+        "closing_state",
         "direct",
         "endpoint",
         "fd",
@@ -72,13 +71,11 @@ class Connection:
         "metrics",
         "next_check",
         "outbox",
-        "peer_closed",
         "principal",
         "refresh_sectors",
         "scope",
         "stream",
         "token",
-        "transport_dead",
         "ws",
     )
 
@@ -113,10 +110,7 @@ class Connection:
         self._writer_done = trio.Event()
         self._lot = trio.lowlevel.ParkingLot()
         self.direct = direct_write
-        self.closing = False
-        self.close_code: Close | None = None
-        self.peer_closed = False
-        self.transport_dead = False
+        self.closing_state = Closing()
         self.scope = trio.CancelScope()
         self.last_seen = trio.current_time()
         self.next_check = float("inf")
@@ -124,7 +118,6 @@ class Connection:
         # Fragments of the message being received, gathered in one buffer.
         self._text = ""
         self._frames_in_message = 0
-        self._unparseable = False
         self.refresh_sectors: RefreshSectors | None = None
 
     def __repr__(self) -> str:
@@ -200,12 +193,18 @@ class Connection:
         log.warning("slow consumer: closing", extra=self.log_context())
         self.begin_close(closecodes.SLOW_CONSUMER, discard_pending=True)
 
+    @property
+    def closing(self) -> bool:
+        return self.closing_state.started
+
+    @property
+    def close_code(self) -> Close | None:
+        return self.closing_state.sent
+
     def begin_close(self, close: Close, *, discard_pending: bool = False) -> None:
         """Queue our close frame and stop the read loop; the connection task finishes the close."""
-        if self.closing:
+        if not self.closing_state.close(close):
             return
-        self.closing = True
-        self.close_code = close
         self.metrics.closes.labels(close_label(close.code)).inc()
         if discard_pending:
             self.outbox.discard()
@@ -215,9 +214,7 @@ class Connection:
         self.scope.cancel()
 
     def _transport_failed(self) -> None:
-        self.transport_dead = True
-        if not self.closing:
-            self.closing = True
+        if self.closing_state.lost():
             self.metrics.closes.labels("1006").inc()
         self.outbox.clear()
         self._lot.unpark_all()
@@ -238,12 +235,12 @@ class Connection:
         try:
             while True:
                 if not self.outbox:
-                    if self.closing or self.transport_dead:
+                    if self.closing:
                         return
                     await self._lot.park()
                     continue
                 self._flush_some()
-                if self.outbox and not self.transport_dead:
+                if self.outbox and not self.closing_state.transport_dead:
                     await trio.lowlevel.wait_writable(self.stream.socket)
         finally:
             self._writer_done.set()
@@ -318,19 +315,11 @@ class Connection:
     def _on_close_event(self, event: CloseConnection) -> None:
         if self.ws.state is ConnectionState.REMOTE_CLOSING:
             # The client started the close: echo its code, as RFC 6455 asks.
-            self.peer_closed = True
-            code = event.code if 1000 <= event.code < 5000 and event.code not in (1005, 1006, 1015) else 1000
-            self.begin_close(Close(code, ""))
+            self.begin_close(self.closing_state.peer_started(event.code))
             return
         # wsproto reports a malformed frame as a close event while the state stays open.
         # It parses nothing after that, so the client's close reply could never be recognised.
-        self._unparseable = True
-        if event.code == closecodes.INVALID_UTF8.code:
-            close, reason = closecodes.INVALID_UTF8, "invalid_utf8"
-        elif event.code == closecodes.MESSAGE_TOO_LARGE.code:
-            close, reason = closecodes.MESSAGE_TOO_LARGE, "too_large"
-        else:
-            close, reason = closecodes.PROTOCOL_ERROR, "protocol"
+        close, reason = self.closing_state.malformed(event.code)
         self.metrics.frames_rejected.labels(reason).inc()
         self.begin_close(close)
 
@@ -353,19 +342,20 @@ class Connection:
         """
         with trio.move_on_after(timeout):
             await self._writer_done.wait()
-            while not self.peer_closed and not self.transport_dead:
+            state = self.closing_state
+            while not state.peer_closed and not state.transport_dead:
                 try:
                     data = await self.stream.receive_some(_RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return
-                if not data or self._unparseable:
+                if not data or state.unparseable:
                     # After a malformed frame, whatever the client sends next stands for its
                     # close reply (RFC 6455 §7.1.7: fail the connection, don't parse further).
                     return
                 self.ws.receive_data(data)
                 for event in self.ws.events():
                     if isinstance(event, CloseConnection):
-                        self.peer_closed = True
+                        state.peer_answered()
 
 
 #: Codes counted under their own label; a client may echo any code, which must not mint labels.
