@@ -45,6 +45,9 @@ _PUBLISH_EPILOG = """examples:
   gateway publish --channel branch:2:waiters --type TABLE_SESSION_STARTED --tenant 1 --branch 2
 Without --channel the event is appended to the critical stream (XADD ... data <json>), as the
 backend's stream publishers do; with --channel it is PUBLISHed to that pub/sub channel.
+Without REDIS_URL or --redis-url the event goes through a running gateway's publish API (--gateway,
+default http://127.0.0.1:8001): a development gateway takes it from this machine with no token,
+so `./scripts/serve` and then `gateway publish ...` deliver with no set-up.
 """
 
 
@@ -139,8 +142,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         return 1
     url = args.redis_url or settings.redis_url
     if not url:
-        print("gateway publish: set REDIS_URL or --redis-url (the Redis the gateway reads)", file=sys.stderr)
-        return EXIT_CONFIG
+        if args.channel:
+            print("gateway publish: --channel needs REDIS_URL or --redis-url (the Redis the gateway reads); "
+                  "without one, events go through a running gateway's publish API (--gateway)", file=sys.stderr)
+            return EXIT_CONFIG
+        return _publish_via_gateway(args.gateway, payload, settings.publish_token)
     if url.partition("://")[0] not in REDIS_SCHEMES:
         print("gateway publish: the Redis URL must start with redis://, rediss:// or unix://", file=sys.stderr)
         return EXIT_CONFIG
@@ -168,6 +174,34 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             raise
         print(f"gateway publish: cannot publish to {redact_url_password(url)}: {_first_error(exc)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _publish_via_gateway(base: str, payload: bytes, token: str | None) -> int:
+    """POST the envelope to a running gateway's ``/ws/publish`` (D19): the way to reach a gateway
+    whose Redis is its own embedded one. A development gateway takes it from this machine with no
+    token; any other needs GATEWAY_PUBLISH_TOKEN."""
+    import urllib.error
+    import urllib.request
+
+    url = base.rstrip("/") + "/ws/publish"
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=PUBLISH_TIMEOUT) as response:
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:200]
+        hint = " (set GATEWAY_PUBLISH_TOKEN, or REDIS_URL to publish to Redis directly)" if exc.code in (401, 404) else ""
+        print(f"gateway publish: {url} answered {exc.code} {detail}{hint}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"gateway publish: no gateway answered at {url} ({_first_error(exc)}); start one with "
+              "./scripts/serve, pass --gateway, or set REDIS_URL", file=sys.stderr)
+        return 1
+    print(f"appended to {answer.get('stream', 'the stream')} as {answer.get('id')} through {url}")
     return 0
 
 
@@ -322,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--actor", help="JSON object")
     publish.add_argument("--channel", help="PUBLISH to this channel instead of appending to the stream")
     publish.add_argument("--redis-url", help="default: REDIS_URL")
+    publish.add_argument("--gateway", default="http://127.0.0.1:8001",
+                         help="without a Redis URL: the running gateway whose publish API takes the event "
+                              "(default http://127.0.0.1:8001)")
     publish.set_defaults(func=_cmd_publish)
 
     dlq = sub.add_parser("dlq", help="inspect or replay the dead-letter stream", epilog=_DLQ_EPILOG,

@@ -269,8 +269,20 @@ async def test_invalid_publish_input_fails_with_a_message(redis_url: str, args: 
     assert await stream_entries(redis_url) == []
 
 
-def test_publish_without_redis_url_says_so() -> None:
-    result = run("publish", "--type", "ROUND_READY", "--tenant", "1")
+def test_publish_without_redis_url_and_no_gateway_says_so() -> None:
+    # Without a Redis URL the event goes through a running gateway's publish API.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run("publish", "--type", "ROUND_READY", "--tenant", "1", "--gateway", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert "no gateway answered" in result.stderr
+    assert "REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_to_a_channel_without_redis_url_says_so() -> None:
+    result = run("publish", "--channel", "branch:2:waiters", "--type", "ROUND_READY", "--tenant", "1")
     assert result.returncode == 2
     assert "REDIS_URL" in result.stderr
 

@@ -478,11 +478,24 @@ async def test_keep_alive_serves_several_requests_on_one_connection(gateway: Gat
 # --- publish API (D19) -------------------------------------------------------------------------
 
 
-async def test_publish_is_off_without_a_token(gateway: GatewayHandle) -> None:
+async def test_publish_is_off_without_a_token_outside_development(gateway_factory: Factory) -> None:
+    handle = await gateway_factory(environment="production", jwt_secret="s" * 32, table_token_secret="t" * 32,
+                                   allowed_origins="http://localhost:5173")
     env = json.dumps({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 2})
-    response = await request("POST", f"{gateway.url}/ws/publish", content=env,
+    response = await request("POST", f"{handle.url}/ws/publish", content=env,
                              headers={"Authorization": "Bearer anything", "Content-Type": "application/json"})
     assert response.status_code == 404
+
+
+async def test_development_without_a_token_takes_events_from_this_machine(gateway: GatewayHandle) -> None:
+    # What makes `./scripts/serve` then `gateway publish ...` work with the private embedded Redis.
+    waiter = await gateway.connect("waiter", gateway.staff_token())
+    await gateway.connected(1)
+    env = json.dumps({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 2})
+    response = await request("POST", f"{gateway.url}/ws/publish", content=env,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 202
+    await waiter.expect("ROUND_READY")
 
 
 async def test_publish_api(gateway_factory: Factory, publisher: Publisher) -> None:

@@ -210,3 +210,26 @@ async def test_cancelling_a_running_gateway_raises_nothing(redis_url: str) -> No
         async with trio.open_nursery() as nursery:
             await nursery.start(run_gateway, test_settings(redis_url))
             nursery.cancel_scope.cancel()
+
+
+async def test_the_readme_commands_deliver_an_event_to_a_socket(tmp_path: Path, nursery: trio.Nursery) -> None:
+    # README: ./scripts/serve, then `gateway publish ...` with no REDIS_URL. The embedded Redis is
+    # private, so the event goes through the development gateway's publish API.
+    import sys
+
+    async with served(tmp_path) as handle:
+        ws = await open_socket(nursery, handle, user=7)
+        gateway_bin = str(Path(sys.executable).with_name("gateway"))
+        result = await trio.run_process(
+            [gateway_bin, "publish", "--type", "ROUND_READY", "--tenant", "1", "--branch", "2", "--session", "9",
+             "--gateway", handle.url],
+            env=serve_env(), capture_stdout=True, capture_stderr=True, check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert b"appended to events:critical" in result.stdout
+        with trio.fail_after(10):
+            event = await ws.get_message()
+        assert '"type":"ROUND_READY"' in event
+        handle.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EXIT_TIMEOUT):
+            await handle.process.wait()

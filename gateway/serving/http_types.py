@@ -46,6 +46,8 @@ class HttpRequest:
     query: dict[str, list[str]]
     headers: dict[bytes, bytes]
     body: bytes
+    #: The TCP peer's address (not X-Forwarded-For): who is really on the other end.
+    peer: str = "-"
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)

@@ -286,7 +286,7 @@ class Listener:
                 if body_scope.cancelled_caught:
                     await _send_response(conn, stream, text_response(408, "Request body not received in time"), metrics=self.metrics)
                     return None
-                response = await self.http.handle(event, path, target, body, admin=admin)
+                response = await self.http.handle(event, path, target, body, admin=admin, peer=peer)
                 await _send_response(conn, stream, response, head=event.method == b"HEAD")
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return None
