@@ -33,6 +33,7 @@ from gateway_client.policy import (
     RandomSource,
     ReconnectPolicy,
     describe_failure,
+    retry_after,
 )
 from gateway_client.timers import LiveSocket, TrailingCalls
 from gateway_client.urls import bases, catchup_url, normalise_endpoint, ws_url
@@ -279,11 +280,12 @@ class GatewayClient:
                 return
             state = ConnectionState.RECONNECTING
             self._set_state(state)
-            log.info("reconnecting", extra={"attempt": decision.attempt, "delay": round(decision.delay, 3),
-                                            "code": code})
+            # A refusal's Retry-After (D22) is a floor under the backoff, never a shortcut.
+            delay = max(decision.delay, (info.retry_after if info is not None else None) or 0.0)
+            log.info("reconnecting", extra={"attempt": decision.attempt, "delay": round(delay, 3), "code": code})
             with trio.CancelScope() as wait:
                 self._wait_scope = wait
-                await trio.sleep(decision.delay)
+                await trio.sleep(delay)
             self._wait_scope = None
             if self._restart_requested:
                 self._restart_requested = False
@@ -310,7 +312,8 @@ class GatewayClient:
                     ConnectionClosed, ProtocolError, h11.ProtocolError) as exc:
                 if not opened:
                     log.info("connect failed", extra={"error": repr(exc)})
-                    info = CloseInfo(ABNORMAL, describe_failure(exc), by_client=False, opened=False)
+                    info = CloseInfo(ABNORMAL, describe_failure(exc), by_client=False, opened=False,
+                                     retry_after=retry_after(exc))
                 elif info is None:
                     info = CloseInfo(ABNORMAL, describe_failure(exc), by_client=False, opened=True)
             finally:

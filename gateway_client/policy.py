@@ -55,6 +55,8 @@ class CloseInfo:
     reason: str
     by_client: bool  # the client sent the close frame (heartbeat timeout, soft disconnect, close())
     opened: bool  # the handshake had succeeded
+    #: Seconds the server asked to wait (``Retry-After`` of a 429/503 refusal, D22).
+    retry_after: float | None = None
 
 
 class CloseAction(enum.Enum):
@@ -107,6 +109,18 @@ class ReconnectPolicy:
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The ``Retry-After`` seconds of a refused handshake, if the server gave one."""
+    for name, value in getattr(exc, "headers", None) or ():
+        if bytes(name).lower() == b"retry-after":
+            try:
+                seconds = float(bytes(value).decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                return None
+            return seconds if 0 <= seconds <= 3600 else None
+    return None
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -523,3 +523,25 @@ async def test_http_get_reads_the_catch_up_endpoint(gateway: GatewayHandle) -> N
         assert json.loads(response.body) == {"detail": "Invalid token"}
         ok = await http_get(f"{gateway.url}/ws/catchup?branch_id=2&since=0&token={gateway.staff_token()}")
         assert ok.status == 200 and ok.json() == {"events": [], "count": 0}
+
+
+async def test_a_refusal_before_the_upgrade_is_waited_out_for_its_retry_after(
+    gateway: GatewayHandle, nursery: trio.Nursery
+) -> None:
+    # D22: at its limit, a user's next socket is refused 429 with Retry-After: 5. The client's own
+    # backoff here is 0.05-0.2 s; the refusal's Retry-After is the floor under it.
+    token = gateway.staff_token(user=7)
+    for _ in range(3):
+        await gateway.connect("waiter", token)
+    await gateway.connected(3)
+    client = make_client(gateway.ws_url, token)
+    nursery.start_soon(client.run)
+    await until(lambda: client.last_close is not None)
+    assert client.last_close is not None
+    assert client.last_close.retry_after == 5.0
+    assert "HTTP 429" in client.last_close.reason
+    assert not client.last_close.opened
+    await trio.sleep(1.0)
+    # Still waiting out the 5 s: one attempt so far, however short its own backoff.
+    assert gateway.gw.metrics.rejections.labels("limit_user")._value.get() == 1
+    await client.close()

@@ -34,15 +34,10 @@ class CatchupRoutes:
 
     async def staff(self, req: HttpRequest) -> Response:
         # A header keeps the credential out of URLs and access logs; the query stays for v1 clients.
-        token = _bearer(req) or req.param("token")
-        branch_raw, since_raw = req.param("branch_id"), req.param("since")
-        missing = [n for n, v in (("branch_id", branch_raw), ("since", since_raw), ("token", token)) if v is None]
-        if missing:
-            return text_response(422, f"Missing query parameter: {', '.join(missing)}")
-        assert token is not None and branch_raw is not None and since_raw is not None
-        branch_id, since = _int(branch_raw), _float(since_raw)
-        if branch_id is None or since is None:
-            return text_response(422, "branch_id must be an integer and since a number")
+        parsed = _query(req, "token", _bearer(req), "branch_id")
+        if isinstance(parsed, Response):
+            return parsed
+        token, branch_id, since = parsed
         try:
             claims = self.credentials.staff(token, time.time())
         except AuthError:
@@ -71,16 +66,10 @@ class CatchupRoutes:
 
     async def session(self, req: HttpRequest) -> Response:
         header = req.headers.get(b"x-table-token", b"").decode("latin-1").strip()
-        token = header or req.param("table_token")
-        session_raw, since_raw = req.param("session_id"), req.param("since")
-        missing = [n for n, v in (("session_id", session_raw), ("since", since_raw), ("table_token", token))
-                   if v is None]
-        if missing:
-            return text_response(422, f"Missing query parameter: {', '.join(missing)}")
-        assert token is not None and session_raw is not None and since_raw is not None
-        session_id, since = _int(session_raw), _float(since_raw)
-        if session_id is None or since is None:
-            return text_response(422, "session_id must be an integer and since a number")
+        parsed = _query(req, "table_token", header or None, "session_id")
+        if isinstance(parsed, Response):
+            return parsed
+        token, session_id, since = parsed
         try:
             claims = self.credentials.table(token, time.time())
         except AuthError:
@@ -91,6 +80,20 @@ class CatchupRoutes:
         events = await self.store.read_or_empty(claims.tenant_id, claims.branch_id, since)
         chosen = [e for e in events if e.type in DINER_CATCHUP_TYPES and receives(e, principal)]
         return json_response(200, _body(chosen))
+
+
+def _query(req: HttpRequest, credential: str, from_header: str | None, id_name: str) -> tuple[str, int, float] | Response:
+    """The credential (header first, then the query), the id and ``since``; or the 422 to answer."""
+    token = from_header or req.param(credential)
+    id_raw, since_raw = req.param(id_name), req.param("since")
+    missing = [n for n, v in ((id_name, id_raw), ("since", since_raw), (credential, token)) if v is None]
+    if missing:
+        return text_response(422, f"Missing query parameter: {', '.join(missing)}")
+    assert token is not None and id_raw is not None and since_raw is not None
+    ident, since = _int(id_raw), _float(since_raw)
+    if ident is None or since is None:
+        return text_response(422, f"{id_name} must be an integer and since a number")
+    return token, ident, since
 
 
 def _body(events: list[Event]) -> dict[str, Any]:
