@@ -17,7 +17,7 @@ import attrs
 import h11
 import trio
 
-from gateway import __version__
+from gateway import __version__, webassets
 from gateway.broadcast import Job
 from gateway.events import InvalidEvent, parse_event
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -140,6 +140,20 @@ async def catchup_session(gw: Gateway, req: HttpRequest) -> Response:
     return await gw.catchup.session(req)
 
 
+async def web_asset(gw: Gateway, req: HttpRequest) -> Response:
+    found = webassets.lookup(req.path, console=webassets.console_enabled(gw.settings))
+    return Response(200, found[1], found[0], ((b"cache-control", b"no-cache"),)) if found else text_response(404, "Not Found")
+
+
+async def dev_token(gw: Gateway, req: HttpRequest) -> Response:
+    if gw.settings.environment != "development":
+        return text_response(404, "Not Found")
+    try:
+        return json_response(200, webassets.dev_token(gw.settings, req.body))
+    except webassets.DevTokenError as exc:
+        return text_response(422, str(exc))
+
+
 ROUTES: dict[str, dict[str, Handler]] = {
     "/ws/health": {"GET": health},
     "/ws/health/detailed": {"GET": health_detailed},
@@ -147,6 +161,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/ws/catchup": {"GET": catchup},
     "/ws/catchup/session": {"GET": catchup_session},
     "/ws/publish": {"POST": publish},
+    "/ws/dev/token": {"POST": dev_token},
+    **{path: {"GET": web_asset} for path in webassets.PATHS},
 }
 _WS_ENDPOINTS = frozenset({"/ws/waiter", "/ws/kitchen", "/ws/admin", "/ws/diner"})
 _CORS_METHODS = b"GET, POST, OPTIONS"
