@@ -81,7 +81,8 @@ function addEventRow(entry, event) {
   });
   tbody.prepend(tr);
   while (tbody.rows.length > MAX_ROWS) tbody.deleteRow(-1);
-  render(entry);
+  // The counters move once the listeners have run.
+  queueMicrotask(() => render(entry));
 }
 
 function addClose(entry, code, reason) {
