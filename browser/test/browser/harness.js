@@ -111,9 +111,14 @@ export async function startRedis() {
     pause: () => proc.kill('SIGSTOP'),
     resume: () => proc.kill('SIGCONT'),
     async stop() {
-      proc.kill('SIGCONT');
-      proc.kill('SIGTERM');
-      if (proc.exitCode === null) await once(proc, 'exit');
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = once(proc, 'exit');
+        proc.kill('SIGCONT');
+        proc.kill('SIGTERM');
+        const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+        await exited;
+        clearTimeout(timer);
+      }
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -172,11 +177,12 @@ export async function startGateway({ redis, port, origins = [], env = {}, name =
     /** SIGTERM: drain (1012 to every socket), then exit. */
     async stop(signal = 'SIGTERM') {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
+      proc.kill('SIGCONT');
       proc.kill(signal);
       const timer = setTimeout(() => proc.kill('SIGKILL'), 20000);
       await exited;
       clearTimeout(timer);
-      fs.closeSync(log);
+      try { fs.closeSync(log); } catch { /* already closed */ }
     },
   };
 }
@@ -197,7 +203,7 @@ export async function health(gw) {
 const TYPES = { '.js': 'text/javascript', '.html': 'text/html', '.css': 'text/css', '.json': 'application/json' };
 
 export async function startStatic() {
-  const server = http.createServer((req, res) => {
+  const server = http.createServer({ keepAliveTimeout: 1000 }, (req, res) => {
     const rel = decodeURIComponent(new URL(req.url, 'http://x').pathname);
     const file = path.resolve(BROWSER_DIR, '.' + rel);
     if (!file.startsWith(BROWSER_DIR + path.sep) || !fs.existsSync(file) || !fs.statSync(file).isFile()) {
@@ -210,7 +216,7 @@ export async function startStatic() {
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   const { port } = server.address();
-  return { port, origin: `http://127.0.0.1:${port}`, close: () => new Promise((r) => server.close(r)) };
+  return { port, origin: `http://127.0.0.1:${port}`, close: () => new Promise((r) => { server.close(r); server.closeAllConnections(); }) };
 }
 
 // --- Chromium ----------------------------------------------------------------------------------
@@ -239,19 +245,28 @@ export async function launchBrowser() {
   };
 }
 
+/** Wait for `promise`, at most `ms`; errors are ignored (clean-up must not hang or throw). */
+function bounded(promise, ms) {
+  let timer;
+  return Promise.race([promise.catch(() => {}), new Promise((r) => { timer = setTimeout(r, ms); })])
+    .finally(() => clearTimeout(timer));
+}
+
 /** Everything a test file needs: redis, one gateway, the static server and the browser. */
 export async function environment({ gatewayEnv = {} } = {}) {
   const redis = await startRedis();
   const stat = await startStatic();
   const gw = await startGateway({ redis, origins: [stat.origin], env: gatewayEnv });
   const browser = await launchBrowser();
-  return {
+  const env = {
     redis, stat, gw, browser,
+    // Tests replace env.gw when they restart the gateway: stop whichever runs now.
     async close() {
-      await browser.close().catch(() => {});
-      await gw.stop().catch(() => {});
-      await stat.close().catch(() => {});
-      await redis.stop().catch(() => {});
+      await bounded(env.browser.close(), 20000);
+      await bounded(env.gw.stop(), 25000);
+      await bounded(env.stat.close(), 5000);
+      await bounded(env.redis.stop(), 10000);
     },
   };
+  return env;
 }
