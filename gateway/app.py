@@ -133,7 +133,9 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     )
     sectors = SectorSource(redis, SectorSettings.of(settings))
     revocation = Revocation(redis, guards.auth)
-    origins = allowed_origins(settings.allowed_origins)
+    # Only a development gateway falls back to the built-in list; the console it serves connects
+    # from the gateway's own origin.
+    origins = allowed_origins(settings.allowed_origins, settings.port if settings.environment == "development" else None)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
     stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)

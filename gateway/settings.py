@@ -326,6 +326,10 @@ class Settings:
         None, "GATEWAY_PUBLISH_TOKEN", "Bearer token of POST /ws/publish. Unset: the endpoint is off.",
         parse=_parse_optional_str, secret=True,
     )
+    console_enabled: bool = setting(
+        False, "GATEWAY_CONSOLE", "Serve the live console at /ws/console outside development (always on in development).",
+        parse=_parse_bool,
+    )
     drain_period: float = setting(
         3.0, "GATEWAY_DRAIN_PERIOD",
         "On SIGTERM, 1012 closes are spread over this many seconds so clients do not all reconnect at once.",

@@ -9,12 +9,14 @@ DEFAULT_ORIGINS: tuple[str, ...] = tuple(
 )
 
 
-def allowed_origins(configured: tuple[str, ...]) -> frozenset[str]:
-    """The configured allow-list, or the 18 development origins and their https:// forms."""
+def allowed_origins(configured: tuple[str, ...], own_port: int | None = None) -> frozenset[str]:
+    """The configured allow-list, or the 18 development origins and their https:// forms, plus,
+    given ``own_port``, the gateway's own origins (its console's pages are served from there)."""
     if configured:
         return frozenset(configured)
     https = (origin.replace("http://", "https://", 1) for origin in DEFAULT_ORIGINS)
-    return frozenset(DEFAULT_ORIGINS).union(https)
+    own = (f"http://{host}:{own_port}" for host in ("localhost", "127.0.0.1")) if own_port else ()
+    return frozenset(DEFAULT_ORIGINS).union(https, own)
 
 
 def origin_allowed(origin: str | None, allowed: frozenset[str], *, bypass_missing: bool) -> bool:

@@ -22,6 +22,7 @@ from gateway.core import health as pages
 from gateway.core.events import InvalidEvent, parse_event
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
+from gateway.serving import webassets
 from gateway.serving.appender import StreamAppender
 from gateway.serving.catchup_http import CatchupRoutes
 from gateway.serving.http_types import HttpRequest, Response, json_response, text_response
@@ -41,6 +42,8 @@ ROUTES: Mapping[str, Mapping[str, str]] = {
     "/ws/catchup": {"GET": "catchup_staff"},
     "/ws/catchup/session": {"GET": "catchup_session"},
     "/ws/publish": {"POST": "publish"},
+    "/ws/dev/token": {"POST": "dev_token"},
+    **{path: {"GET": "web_asset"} for path in webassets.PATHS},
 }
 #: Operations routes: only on the internal listener when GATEWAY_ADMIN_PORT is set.
 ADMIN_ROUTES = frozenset({"/ws/metrics", "/ws/health/detailed", "/ws/publish"})
@@ -123,6 +126,22 @@ class HttpApp:
         if entry_id is None:
             return text_response(503, "Redis unavailable")
         return json_response(202, {"id": entry_id, "stream": self.settings.stream})
+
+    async def web_asset(self, req: HttpRequest) -> Response:
+        """The browser client library and the live console (``browser/``)."""
+        found = webassets.lookup(req.path, console=webassets.console_enabled(self.settings))
+        if found is None:
+            return text_response(404, "Not Found")
+        return Response(200, found[1], found[0], ((b"cache-control", b"no-cache"),))
+
+    async def dev_token(self, req: HttpRequest) -> Response:
+        """Development only: a token minted with this gateway's secrets, for the console."""
+        if self.settings.environment != "development":
+            return text_response(404, "Not Found")
+        try:
+            return json_response(200, webassets.dev_token(self.settings, req.body))
+        except webassets.DevTokenError as exc:
+            return text_response(422, str(exc))
 
     # --- dispatch -----------------------------------------------------------------------------
     def _route(self, path: str, admin: bool) -> dict[str, Handler] | None:

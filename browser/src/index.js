@@ -1,0 +1,13 @@
+// @integrador/ws-client: browser client of the Integrador WebSocket gateway (protocol v1).
+export { BaseWebSocketClient, PING_FRAME, PROTOCOL_V1, httpBaseOf } from './client.js';
+export { WaiterClient, KitchenClient, AdminClient, DinerClient, endpointForRoles } from './apps.js';
+export {
+  BASE_DELAY_MS, MAX_DELAY_MS, JITTER, MAX_RECONNECT_ATTEMPTS, backoffDelay, nominalDelay,
+} from './backoff.js';
+export { FINAL_CLOSE_CODES, isFinalClose, closeDecision } from './closecodes.js';
+export { createThrottle } from './throttle.js';
+export {
+  base64UrlDecode, jwtPayload, legacyTableToken, tokenExpiry, sessionIdFromTableToken, refreshDelay,
+} from './token.js';
+export { eventKey, RecentKeys } from './dedup.js';
+export { Listeners } from './listeners.js';
