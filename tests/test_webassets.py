@@ -64,13 +64,14 @@ async def test_console_in_development_only_unless_enabled(gateway_factory: Facto
     page = await request("GET", dev.url + "/ws/console")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert (await request("GET", dev.url + "/ws/console/console.js")).status_code == 200
-    prod = await gateway_factory(environment="production", jwt_secret="s" * 40, table_token_secret="t" * 40)
+    prod = await gateway_factory(environment="production", jwt_secret="s" * 40, table_token_secret="t" * 40,
+                                 allowed_origins="https://app.example.com")
     assert (await request("GET", prod.url + "/ws/console")).status_code == 404
     assert (await request("GET", prod.url + "/ws/console/console.js")).status_code == 404
     assert (await request("GET", prod.url + "/ws/client.js")).status_code == 200
     assert (await request("POST", prod.url + "/ws/dev/token", json={})).status_code == 404
     enabled = await gateway_factory(environment="production", jwt_secret="s" * 40, table_token_secret="t" * 40,
-                                    console_enabled=True)
+                                    allowed_origins="https://app.example.com", console_enabled=True)
     assert (await request("GET", enabled.url + "/ws/console")).status_code == 200
     assert (await request("POST", enabled.url + "/ws/dev/token", json={})).status_code == 404
 
@@ -108,3 +109,14 @@ def test_wheel_ships_the_browser_files(tmp_path: Path) -> None:
     for init in [*ROOT.glob("gateway/**/__init__.py"), *ROOT.glob("gateway_*/__init__.py")]:
         assert init.relative_to(ROOT).as_posix() in names, init
     assert json.loads(zipfile.ZipFile(wheel).read("gateway/_browser/package.json"))["name"] == "@integrador/ws-client"
+
+
+async def test_in_production_the_console_is_served_on_the_admin_listener_only(gateway_factory: Any) -> None:
+    gw = await gateway_factory(environment="production", jwt_secret="s" * 32, table_token_secret="t" * 32,
+                               allowed_origins="https://app.example.com", console_enabled=True, admin_port=0)
+    admin = f"http://127.0.0.1:{gw.gw.admin_port}"
+    assert (await request("GET", gw.url + "/ws/console")).status_code == 404
+    assert (await request("GET", admin + "/ws/console")).status_code == 200
+    # The library itself stays public: the apps import it from the gateway they talk to.
+    assert (await request("GET", gw.url + "/ws/client.js")).status_code == 200
+    assert (await request("POST", admin + "/ws/dev/token", json={})).status_code == 404

@@ -146,11 +146,18 @@ class HttpApp:
     # --- dispatch -----------------------------------------------------------------------------
     def _route(self, path: str, admin: bool) -> dict[str, Handler] | None:
         if self.settings.admin_port is not None:
-            if admin and path not in ADMIN_ROUTES and path != "/ws/health":
+            internal = path in ADMIN_ROUTES or (self._console_is_internal and webassets.is_console(path))
+            if admin and not internal and path != "/ws/health":
                 return None
-            if not admin and path in ADMIN_ROUTES:
+            if not admin and internal:
                 return None
         return self.routes.get(path)
+
+    @property
+    def _console_is_internal(self) -> bool:
+        # Outside development an enabled console is an operator's tool: with an admin listener it
+        # is served there only.
+        return self.settings.environment != "development"
 
     def _cors_headers(self, origin: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
         if origin is None or origin.decode("latin-1") not in self.origins:

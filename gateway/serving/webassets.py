@@ -105,6 +105,10 @@ def lookup(path: str, *, console: bool) -> tuple[str, bytes] | None:
         return None
 
 
+def is_console(path: str) -> bool:
+    return path == CONSOLE_PATH or path.startswith(CONSOLE_PREFIX)
+
+
 def console_enabled(settings: Settings) -> bool:
     return settings.environment == "development" or settings.console_enabled
 
