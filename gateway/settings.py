@@ -327,7 +327,9 @@ class Settings:
         parse=_parse_optional_str, secret=True,
     )
     console_enabled: bool = setting(
-        False, "GATEWAY_CONSOLE", "Serve the live console at /ws/console outside development (always on in development).",
+        False, "GATEWAY_CONSOLE",
+        "Serve the live console at /ws/console outside development (always on in development); with "
+        "GATEWAY_ADMIN_PORT set, on the internal listener only.",
         parse=_parse_bool,
     )
     drain_period: float = setting(
