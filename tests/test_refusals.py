@@ -49,6 +49,7 @@ async def test_a_waiting_client_gets_in_within_seconds_of_redis_returning() -> N
                 while await attempt(handle, token) != 101:  # noqa: ASYNC110 - a client retrying
                     await trio.sleep(0.25)  # a client backing off, much faster than 1-30 s
             waited = time.monotonic() - back
+            print(f"\nadmitted {waited:.1f} s after Redis returned")  # shown with -s
             # The auth breaker probes again within 2 s (not the 30 s of the other paths).
             assert waited < 10, waited
     finally:
