@@ -132,10 +132,11 @@ class CatchupStore:
         if start >= _MAX_ID_MS:
             return []  # nothing is stored after the end of time (and 1e306 * 1000 is inf)
         start_ms = int(start)
-        entries = await self.redis.xrange(catchup_key(tenant_id, branch_id), f"{start_ms}-0", "+",
-                                         count=self.max_events)
+        # The newest ``max_events`` of the window (the stream may hold more for v2 resume).
+        entries = await self.redis.xrevrange(catchup_key(tenant_id, branch_id), "+", f"{start_ms}-0",
+                                            count=self.max_events)
         out: list[Event] = []
-        for entry in entries:
+        for entry in reversed(entries):
             raw = entry.field_values.get(b"data", b"")
             try:
                 out.append(parse_event(raw, max_size=1 << 20))
