@@ -144,10 +144,13 @@ Held = tuple["Position | None", bytes]
 class ResumeState:
     """Which live events a v2 socket gets while and after it resumes.
 
-    Until it resumes it records the first position delivered live per stream (the resume then
-    replays only what came before it). During a replay live events are held; at
+    A new v2 socket holds its live events until its first message (or a short grace period): a
+    client that resumes sends ``resume`` first, and whatever arrived meanwhile is then checked
+    against the replay instead of being sent twice. During a replay live events are held too; at
     its end the held ones are released except those at or below what the replay covered, and the
     same rule keeps holding for late copies (entries this instance re-delivers after a restart).
+    Until it resumes a socket records the first position delivered live per stream, so a later
+    resume replays only what came before it.
     """
 
     __slots__ = ("first_live", "fresh", "held", "skip")
@@ -155,11 +158,16 @@ class ResumeState:
     def __init__(self) -> None:
         self.fresh = True
         self.first_live: dict[str, StreamId] = {}
-        self.held: list[Held] | None = None
+        self.held: list[Held] | None = []
         self.skip: dict[str, StreamId] = {}
 
+    @property
+    def waiting(self) -> bool:
+        """Still holding for the first message (not replaying)."""
+        return self.fresh and self.held is not None
+
     def offer(self, position: Position | None, frame: bytes) -> bool:
-        """True: deliver ``frame`` now. False: held for after the replay, or already replayed."""
+        """True: deliver ``frame`` now. False: held for later, or already replayed."""
         if self.held is not None:
             self.held.append((position, frame))
             return False
@@ -171,9 +179,14 @@ class ResumeState:
         upto = self.skip.get(position.stream)
         return upto is None or position.sid > upto
 
+    def release(self) -> list[bytes]:
+        """The first message was not a resume (or none came in time): deliver what was held."""
+        return self.end_replay({}) if self.waiting else []
+
     def begin_replay(self) -> None:
         self.fresh = False
-        self.held = []
+        if self.held is None:
+            self.held = []
 
     def end_replay(self, covered: dict[str, StreamId]) -> list[bytes]:
         """Stop holding; ``covered`` is the highest position replayed (or claimed) per stream.

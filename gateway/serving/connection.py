@@ -332,6 +332,8 @@ class Connection:
         self.begin_close(close)
 
     async def _on_text(self, text: str) -> None:
+        if self.on_message is not None and await self.on_message(self, text):
+            return
         if text == "ping" or text == _JSON_PING or _is_json_ping(text):
             self.metrics.inbound_messages.labels("ping").inc()
             self.send_control(frames.PONG_TEXT)
@@ -339,8 +341,6 @@ class Connection:
             self.metrics.inbound_messages.labels("refresh_sectors").inc()
             reply = await self.refresh_sectors(self)
             self.send_control(frames.text_frame(reply.encode()))
-        elif self.on_message is not None and await self.on_message(self, text):
-            pass
         else:
             self.metrics.inbound_messages.labels("other").inc()
 

@@ -366,7 +366,7 @@ class Listener:
                 if rejection is None:
                     slot.release()  # an admitted socket counts in the connection limits instead
                     if version == 2:
-                        self.protocol_v2.start(conn)  # the welcome, before any event (no checkpoint)
+                        self.protocol_v2.start(conn, nursery)  # the welcome, before any event
                     await self.run_connection(conn)
                 else:
                     conn.begin_close(rejection)

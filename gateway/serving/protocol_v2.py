@@ -68,18 +68,34 @@ class ProtocolV2:
     refresher: Refresher
     #: Send-queue bytes above which a replay waits for the socket to drain.
     replay_high_water: int
+    #: How long a new v2 socket's live events wait for a ``resume`` as its first message.
+    resume_grace: float = 2.0
     revalidation: tuple[float, float] = (300.0, 1800.0)
 
-    def start(self, conn: Connection) -> None:
+    def start(self, conn: Connection, nursery: trio.Nursery) -> None:
         """A v2 socket was just admitted: attach its state and queue the welcome (no checkpoint,
-        so nothing is delivered before it)."""
+        so nothing is delivered before it). Live events wait for its first message, at most
+        ``resume_grace`` seconds."""
         assert conn.principal is not None
         conn.v2 = ResumeState()
         conn.on_message = self.on_message
         conn.send_control(frames.text_frame(welcome_message(conn.principal.expires_at)))
+        nursery.start_soon(self._grace, conn)
+
+    async def _grace(self, conn: Connection) -> None:
+        await trio.sleep(self.resume_grace)
+        self._release(conn)
+
+    def _release(self, conn: Connection) -> None:
+        state = conn.v2
+        if state is not None:
+            for frame in state.release():
+                conn.deliver(frame)
 
     async def on_message(self, conn: Connection, text: str) -> bool:
         parsed = parse_client_message(text)
+        if parsed is None or parsed[0] != "resume":
+            self._release(conn)  # the first message was not a resume: live events flow now
         if parsed is None:
             return False
         kind, value = parsed
