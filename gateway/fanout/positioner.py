@@ -34,7 +34,13 @@ class Positioner:
                     try:
                         batch.append(jobs.receive_nowait())
                     except trio.WouldBlock:
-                        break
+                        # A reader puts a batch on the channel one job per checkpoint: let it go
+                        # on while it does, so one round trip places the whole batch.
+                        await trio.lowlevel.checkpoint()
+                        try:
+                            batch.append(jobs.receive_nowait())
+                        except trio.WouldBlock:
+                            break
                 await self.place(batch)
                 for job in batch:
                     await out.send(job)
