@@ -1,13 +1,12 @@
 """Catch-up: what a reconnecting client missed, kept per branch for a few minutes (D16).
 
-Each delivered logical event is appended once to the stream ``gw:catchup:{tenant}:{branch}``
-(capped at ``catchup_max_events`` entries; the key expires ``catchup_window`` seconds after the last
-append), so every stored event has a stream id that a resume-by-offset feature can use. Appends are
-buffered and written in one pipelined round trip: with a stream batch's acknowledgements when
-there is one, otherwise by the writer task within a few milliseconds.
+Events are appended before fan-out by the positioner (``gateway.catchup.positions``), once across
+instances, to the stream ``gw:catchup:{tenant}:{branch}``; those stream ids are protocol v2's
+positions. The buffered appender here (``add``, ``take_into``, ``writer``) is the earlier path,
+whose appends rode in a stream batch's acknowledgement; ``build`` no longer feeds it.
 
-Reads return what the store holds for a branch; the HTTP layer (``gateway.serving.catchup_http``) filters
-them with the routing predicate itself.
+Reads return the newest ``catchup_max_events`` of the last ``catchup_window`` seconds for a branch;
+the HTTP layer (``gateway.serving.catchup_http``) filters them with the routing predicate itself.
 """
 
 from __future__ import annotations
