@@ -323,3 +323,29 @@ async def test_refresh_messages_count_in_the_rate_limit(gateway_factory: Factory
     for _ in range(6):
         await client.send(json_text({"type": "refresh", "token": "x"}))
     assert (await client.closed())[0] == 4029
+
+
+async def test_every_instance_gives_an_event_the_same_position(
+    gateway_factory: Factory, publisher: Publisher
+) -> None:
+    a = await gateway_factory()
+    b = await gateway_factory()
+    token = a.staff_token(roles=("ADMIN",))
+    on_a, on_b = await v2_socket(a, "admin", token), await v2_socket(b, "admin", token)
+    for client in (on_a, on_b):
+        await client.send("ping")
+        assert await client.receive() == {"type": "pong"}
+    for seq in range(5):
+        await publisher.stream_event(numbered(seq))
+    await publisher.channel_event("branch:2:admin", numbered(5))
+    got_a, got_b = await receive_events(on_a, 6), await receive_events(on_b, 6)
+    assert [f["_pos"] for f in got_a] == [f["_pos"] for f in got_b]
+    assert await publisher._run(lambda c: c.xlen("gw:catchup:1:2")) == 6  # stored once
+    # A position from one instance resumes on the other.
+    await on_a.aclose()
+    await publisher.stream_event(numbered(6))
+    await receive_events(on_b, 1)
+    moved = await v2_socket(b, "admin", token)
+    await moved.send(json_text({"type": "resume", "positions": {"1:2": got_a[2]["_pos"]["offset"]}}))
+    replay = await receive_events(moved, 5)
+    assert seqs(replay) == [3, 4, 5, 6] and replay[-1]["streams"]["1:2"] == {"recovered": True, "replayed": 4}

@@ -12,12 +12,16 @@ gets no new entry: the broadcaster drops it anyway, and a stored copy would be r
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 import trio
 
 from gateway.catchup.positions import ASSIGN_CHUNK, PositionStore
 from gateway.core.dedup import Deduper
 from gateway.fanout.broadcast import Job
+
+log = logging.getLogger("gateway.positions")
 
 
 @attrs.define(eq=False)
@@ -41,7 +45,11 @@ class Positioner:
                             batch.append(jobs.receive_nowait())
                         except trio.WouldBlock:
                             break
-                await self.place(batch)
+                try:
+                    await self.place(batch)
+                except Exception:
+                    # A bug here must not stop delivery: these events go out without positions.
+                    log.exception("placing events failed", extra={"events": len(batch)})
                 for job in batch:
                     await out.send(job)
 
