@@ -34,8 +34,10 @@ import coredis
 import trio
 
 from gateway.access.admission import Admission, Limits
+from gateway.access.refresh import Refresher
 from gateway.access.revocation import Revocation
 from gateway.access.sectors import SectorSettings, SectorSource
+from gateway.catchup.positions import ASSIGN_CHUNK, PositionStore
 from gateway.catchup.store import CatchupStore
 from gateway.core.breaker import Backoff
 from gateway.core.clientip import parse_networks
@@ -44,6 +46,7 @@ from gateway.core.index import ConnectionIndex
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
 from gateway.fanout.broadcast import Broadcaster, Job
+from gateway.fanout.positioner import Positioner
 from gateway.ingest.readers import PubSubReader, StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
@@ -54,6 +57,7 @@ from gateway.serving.catchup_http import CatchupRoutes
 from gateway.serving.connection import Connection
 from gateway.serving.http import HttpApp
 from gateway.serving.listener import Listener, ServingSettings
+from gateway.serving.protocol_v2 import ProtocolV2
 from gateway.serving.registry import SocketRegistry
 from gateway.serving.status import Status
 from gateway.serving.sweepers import drain, heartbeat_sweeper, revalidator
@@ -84,6 +88,8 @@ class Gateway:
     pubsub: PubSubReader
     status: Status
     listener: Listener
+    positions: PositionStore
+    positioner: Positioner
     stop_requested: trio.Event = attrs.Factory(trio.Event)
     port: int = 0
     admin_port: int | None = None
@@ -125,11 +131,16 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     health = RedisHealth(metrics)
     guards = RedisGuards.build(settings, health, trio.current_time)
     catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events)
+    # Every event is appended before fan-out (its v2 frame carries the entry's id), so the
+    # broadcaster appends nothing itself; the store holds the larger of both windows.
+    window = max(settings.resume_window, settings.catchup_window)
+    positions = PositionStore(redis, guards.catchup, window, max(settings.resume_max_events, settings.catchup_max_events),
+                              ttl=int(settings.resume_ttl), dedup_ttl=int(window) + 1)
+    positioner = Positioner(positions, Deduper(settings.dedup_window, settings.dedup_ts_tolerance))
     broadcaster = Broadcaster(
         index=registry.index,
         metrics=metrics,
         deduper=Deduper(settings.dedup_window, settings.dedup_ts_tolerance),
-        on_delivered=catchup.add,
     )
     sectors = SectorSource(redis, SectorSettings.of(settings))
     revocation = Revocation(redis, guards.auth)
@@ -145,11 +156,14 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
                    StreamAppender(redis, guards.publish, settings.stream))
-    listener = Listener(ServingSettings.of(settings), registry, metrics, admission, http, trusted)
+    protocol_v2 = ProtocolV2(positions, registry, Refresher(credentials, revocation, sectors),
+                             replay_high_water=settings.send_queue_max_bytes // 2,
+                             revalidation=(settings.jwt_revalidation_interval, settings.table_token_revalidation_interval))
+    listener = Listener(ServingSettings.of(settings), registry, metrics, admission, http, trusted, protocol_v2)
     gw = Gateway(settings=settings, redis=redis, metrics=metrics, registry=registry, redis_health=health,
                  guards=guards, catchup=catchup, sectors=sectors, revocation=revocation, broadcaster=broadcaster,
                  admission=admission, stream_consumer=stream_consumer, pubsub=pubsub, status=status,
-                 listener=listener)
+                 listener=listener, positions=positions, positioner=positioner)
     return gw
 
 
@@ -177,10 +191,13 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
     client = make_client(url)
     async with client, trio.open_nursery() as services:
         send, receive = trio.open_memory_channel[Job](settings.broadcast_queue_size)
+        placed, to_dispatch = trio.open_memory_channel[Job](ASSIGN_CHUNK)
         gw = build(settings, client)
-        # One dispatcher: dispatch is synchronous CPU work, so a second task would add no
+        # Readers -> positioner (appends each batch to the store, one round trip) -> one
+        # dispatcher: dispatch is synchronous CPU work, so a second task would add no
         # throughput, and two woken workers may run in either order, which would reorder events.
-        services.start_soon(gw.broadcaster.worker, receive)
+        services.start_soon(gw.positioner.run, receive, placed)
+        services.start_soon(gw.broadcaster.worker, to_dispatch)
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(gw.pubsub.run, send.clone())
         services.start_soon(gw.catchup.writer)

@@ -304,6 +304,17 @@ class Settings:
     catchup_max_events: int = setting(
         100, "GATEWAY_CATCHUP_MAX_EVENTS", "Events kept per branch for catch-up.", minimum=1, maximum=100000,
     )
+    resume_window: float = setting(
+        300.0, "GATEWAY_RESUME_WINDOW", "Seconds of events a v2 client can resume per stream (D20).",
+        minimum=1, maximum=86400,
+    )
+    resume_max_events: int = setting(
+        1000, "GATEWAY_RESUME_MAX_EVENTS", "Newest events a v2 client can resume per stream, however old (D20).",
+        minimum=1, maximum=100000,
+    )
+    resume_ttl: float = setting(
+        86400.0, "GATEWAY_RESUME_TTL", "Seconds a stream with no new event is kept at all.", minimum=60, maximum=2592000,
+    )
     # --- waiter sectors (§4.7) ----------------------------------------------------------------
     database_url: str | None = setting(
         None, "DATABASE_URL",

@@ -37,6 +37,7 @@ from gateway_client.policy import (
 )
 from gateway_client.timers import LiveSocket, TrailingCalls
 from gateway_client.urls import bases, catchup_url, normalise_endpoint, ws_url
+from gateway_client.v2 import SUBPROTOCOL, RecoveryFailed, V2Session
 
 __all__ = ["GatewayClient"]
 
@@ -70,6 +71,9 @@ class GatewayClient:
         catchup_margin: float = 2.0,
         dedup_memory: int = 2048,
         ssl_context: ssl.SSLContext | None = None,
+        protocol: int = 2,
+        on_recovery_failed: RecoveryFailed | None = None,
+        refresh_margin: float = 30.0,
     ) -> None:
         self.endpoint = normalise_endpoint(endpoint)
         self.ws_base, self.http_base = bases(url_base)
@@ -99,6 +103,10 @@ class GatewayClient:
                                       backoff=Backoff(base=backoff_base, cap=backoff_cap, jitter=jitter))
         self.listeners = Listeners()
         self.seen = RecentKeys(dedup_memory)
+        #: Protocol v2 state (positions, expiry); None with ``protocol=1``.
+        self.v2 = V2Session(on_recovery_failed=on_recovery_failed, refresh_margin=refresh_margin) if protocol == 2 else None
+        #: Whether the current (or last) socket speaks v2: the gateway selected it.
+        self.speaking_v2 = False
 
         self.state = ConnectionState.DISCONNECTED
         #: How the last socket or attempt ended; ``final_close`` is set after a final code.
@@ -304,6 +312,7 @@ class GatewayClient:
             self._attempt_scope = attempt_scope
             try:
                 async with open_websocket_url(url, self.ssl_context, extra_headers=headers,
+                                              subprotocols=[SUBPROTOCOL] if self.v2 is not None else None,
                                               message_queue_size=4096, connect_timeout=self.connect_timeout,
                                               disconnect_timeout=self.close_timeout) as ws:
                     opened = True
@@ -323,9 +332,10 @@ class GatewayClient:
         return info
 
     async def _connected(self, ws: WebSocketConnection, token: str, generation: int) -> CloseInfo:
-        # Where catch-up starts: None on the first open (or with catch-up off).
+        # Where catch-up starts: None on the first open (or with catch-up off, or v2: resume).
+        self.speaking_v2 = self.v2 is not None and ws.subprotocol == SUBPROTOCOL
         since = (catchup_since(self._last_open_wall, self._last_event_wall, self.catchup_margin)
-                 if self.catchup_enabled else None)
+                 if self.catchup_enabled and not self.speaking_v2 else None)
         self._last_open_wall = time.time()
         self.opens += 1
         self.policy.opened()
@@ -345,6 +355,11 @@ class GatewayClient:
                 if since is not None:
                     # Catch-up first, then live frames (they queue in the socket meanwhile).
                     await self._catch_up(token, since)
+                if self.speaking_v2 and self.v2 is not None:
+                    # Resume first: the gateway holds live events until this message.
+                    await ws.send_message(self.v2.resume_message())
+                    if callable(self._token):
+                        nursery.start_soon(self.v2.refresher, ws.send_message, self._token)
                 nursery.start_soon(self._read_loop, live)
                 nursery.start_soon(live.heartbeat, self.ping_interval)
         self._serve_scope = None
@@ -378,6 +393,14 @@ class GatewayClient:
             return
         if value.get("type") == "pong":
             live.pong()
+            return
+        if self.speaking_v2 and self.v2 is not None:
+            if self.v2.handle(value):
+                return
+            # v2 delivers each event exactly once (D20): nothing to de-duplicate.
+            self._last_event_wall = time.time()
+            self.live_events += 1
+            self.listeners.dispatch(value)
             return
         self._last_event_wall = time.time()
         self._deliver(value, live=True)

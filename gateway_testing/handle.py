@@ -66,13 +66,15 @@ class GatewayHandle:
         return table_token(self.settings, tenant, branch, table, session, **kwargs)
 
     async def connect(self, endpoint: str, token: str | None = None, *, origin: str | None = DEFAULT_ORIGIN,
-                      query: str | None = None, message_queue_size: int = 1000) -> WSClient:
+                      query: str | None = None, message_queue_size: int = 1000,
+                      subprotocols: Sequence[str] = ()) -> WSClient:
         """Open a socket on ``/ws/<endpoint>``; it is closed with the test's nursery."""
         if query is None:
             query = f"{credential_param(endpoint)}={token}" if token is not None else ""
         headers = [(b"Origin", origin.encode())] if origin is not None else []
         ws = await connect_websocket_url(self.nursery, f"{self.ws_url}/ws/{endpoint}?{query}",
-                                         extra_headers=headers, message_queue_size=message_queue_size)
+                                         extra_headers=headers, message_queue_size=message_queue_size,
+                                         subprotocols=list(subprotocols) or None)
         return WSClient(ws)
 
     async def connected(self, count: int, within: float = 5.0) -> None:

@@ -1,13 +1,12 @@
 """Catch-up: what a reconnecting client missed, kept per branch for a few minutes (D16).
 
-Each delivered logical event is appended once to the stream ``gw:catchup:{tenant}:{branch}``
-(capped at ``catchup_max_events`` entries; the key expires ``catchup_window`` seconds after the last
-append), so every stored event has a stream id that a resume-by-offset feature can use. Appends are
-buffered and written in one pipelined round trip: with a stream batch's acknowledgements when
-there is one, otherwise by the writer task within a few milliseconds.
+Events are appended before fan-out by the positioner (``gateway.catchup.positions``), once across
+instances, to the stream ``gw:catchup:{tenant}:{branch}``; those stream ids are protocol v2's
+positions. The buffered appender here (``add``, ``take_into``, ``writer``) is the earlier path,
+whose appends rode in a stream batch's acknowledgement; ``build`` no longer feeds it.
 
-Reads return what the store holds for a branch; the HTTP layer (``gateway.serving.catchup_http``) filters
-them with the routing predicate itself.
+Reads return the newest ``catchup_max_events`` of the last ``catchup_window`` seconds for a branch;
+the HTTP layer (``gateway.serving.catchup_http``) filters them with the routing predicate itself.
 """
 
 from __future__ import annotations
@@ -132,10 +131,11 @@ class CatchupStore:
         if start >= _MAX_ID_MS:
             return []  # nothing is stored after the end of time (and 1e306 * 1000 is inf)
         start_ms = int(start)
-        entries = await self.redis.xrange(catchup_key(tenant_id, branch_id), f"{start_ms}-0", "+",
-                                         count=self.max_events)
+        # The newest ``max_events`` of the window (the stream may hold more for v2 resume).
+        entries = await self.redis.xrevrange(catchup_key(tenant_id, branch_id), "+", f"{start_ms}-0",
+                                            count=self.max_events)
         out: list[Event] = []
-        for entry in entries:
+        for entry in reversed(entries):
             raw = entry.field_values.get(b"data", b"")
             try:
                 out.append(parse_event(raw, max_size=1 << 20))

@@ -19,11 +19,13 @@ import trio
 from gateway.core.dedup import Deduper
 from gateway.core.frames import text_frame
 from gateway.core.routing import audience
+from gateway.fanout.v2frames import V2Frames
 from gateway.serving.connection import WRITTEN
 
 if TYPE_CHECKING:
     from gateway.core.index import ConnectionIndex
     from gateway.core.model import Event
+    from gateway.core.positions import Position
     from gateway.metrics import Metrics
     from gateway.serving.connection import Connection
 
@@ -39,6 +41,8 @@ class Job:
     #: Called with True once the event reached its sockets' send queues (the stream acknowledges
     #: it then), or with False when routing raised (the entry stays pending and is retried).
     on_done: Callable[[bool], None] | None = None
+    #: Where the event is stored, for the v2 frame (set before fan-out when it could be stored).
+    position: Position | None = None
 
 
 @attrs.define(eq=False)
@@ -72,9 +76,10 @@ class Broadcaster:
             self.metrics.events_unrouted.inc()
             return 0
         frame = text_frame(event.frame_payload)
+        v2 = V2Frames(event.frame_payload, job.position)  # encoded once, on the first v2 recipient
         sent = direct = 0
         for conn in targets:
-            result = conn.deliver(frame)
+            result = conn.deliver(frame) if conn.v2 is None else v2.deliver(conn)
             if result:
                 sent += 1
                 if result == WRITTEN:

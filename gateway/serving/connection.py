@@ -30,6 +30,7 @@ from gateway.core import closecodes, frames
 from gateway.core.closecodes import Close
 from gateway.core.closing import Closing
 from gateway.core.outbox import Outbox
+from gateway.core.positions import ResumeState
 from gateway.core.ratelimit import SlidingWindow
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ DROPPED, QUEUED, WRITTEN = 0, 1, 2
 
 #: Called for ``refresh_sectors``; returns the reply text.
 RefreshSectors = Callable[["Connection"], Awaitable[str]]
+#: Called with every other text message of a v2 socket; True when it was a v2 message.
+OnMessage = Callable[["Connection", str], Awaitable[bool]]
 
 
 class Connection:
@@ -70,12 +73,14 @@ class Connection:
         "last_seen",
         "metrics",
         "next_check",
+        "on_message",
         "outbox",
         "principal",
         "refresh_sectors",
         "scope",
         "stream",
         "token",
+        "v2",
         "ws",
     )
 
@@ -119,6 +124,9 @@ class Connection:
         self._text = ""
         self._frames_in_message = 0
         self.refresh_sectors: RefreshSectors | None = None
+        #: Protocol v2 (D20): the socket's resume state, and the handler of its v2 messages.
+        self.v2: ResumeState | None = None
+        self.on_message: OnMessage | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.endpoint}>"
@@ -324,6 +332,8 @@ class Connection:
         self.begin_close(close)
 
     async def _on_text(self, text: str) -> None:
+        if self.on_message is not None and await self.on_message(self, text):
+            return
         if text == "ping" or text == _JSON_PING or _is_json_ping(text):
             self.metrics.inbound_messages.labels("ping").inc()
             self.send_control(frames.PONG_TEXT)

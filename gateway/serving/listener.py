@@ -35,6 +35,7 @@ from gateway.metrics import Metrics
 from gateway.serving.connection import Connection
 from gateway.serving.http import HttpApp
 from gateway.serving.http_types import Response, text_response
+from gateway.serving.protocol_v2 import SUBPROTOCOL_V2, ProtocolV2, negotiated_version
 from gateway.serving.registry import SocketRegistry
 from gateway.settings import Settings
 
@@ -114,6 +115,8 @@ class Upgrade:
     verdict: Verdict
     client: str
     trailing: bytes
+    #: The protocol version negotiated by subprotocol (D20): 1, or 2 for ``integrador.v2``.
+    version: int = 1
 
 
 #: The answer to a connection over the pending bound: fixed bytes, no parser state allocated.
@@ -183,6 +186,7 @@ class Listener:
     admission: Admission
     http: HttpApp
     trusted_proxies: tuple[Network, ...]
+    protocol_v2: ProtocolV2
     _pending_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     #: Ids of this listener's sockets, in accept order (they appear in its logs).
     _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
@@ -314,7 +318,8 @@ class Listener:
             first = next(ws.events(), None)
             if not isinstance(first, Request):
                 raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
-            accept = ws.send(AcceptConnection())
+            version = negotiated_version(_header(request.headers, b"sec-websocket-protocol"))
+            accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL_V2 if version == 2 else None))
         except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
             await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", metrics=self.metrics)
             return None
@@ -328,6 +333,7 @@ class Listener:
             verdict=verdict,
             client=client,
             trailing=h11conn.trailing_data[0],
+            version=version,
         )
 
 
@@ -350,7 +356,7 @@ class Listener:
         )
         if upgrade.trailing:
             upgrade.protocol.receive_data(upgrade.trailing)
-        target, verdict = upgrade.target, upgrade.verdict
+        target, verdict, version = upgrade.target, upgrade.verdict, upgrade.version
         del upgrade
         self.registry.sockets.add(conn)
         try:
@@ -359,6 +365,8 @@ class Listener:
                 rejection = self.admission.register(conn, verdict, target)
                 if rejection is None:
                     slot.release()  # an admitted socket counts in the connection limits instead
+                    if version == 2:
+                        self.protocol_v2.start(conn, nursery)  # the welcome, before any event
                     await self.run_connection(conn)
                 else:
                     conn.begin_close(rejection)

@@ -1,0 +1,146 @@
+"""The crash test of test_faults.py for protocol v2: the gateway process killed with SIGKILL at
+about event 300 and started again at about 600, of 1,000 events at 200/s. A v2 client that keeps
+the last offset per stream and resumes on reconnect must see every event exactly once and in
+order, with no de-duplication of its own (D20)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import coredis
+import pytest
+import trio
+from test_faults import STREAM, GatewayProcess, _is_disconnect, numbered, private_redis, wait_for
+from trio_websocket import open_websocket_url
+
+from gateway.core.events import encode_envelope
+from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.embedded import RedisProcess
+from gateway.redisio.embedded_config import free_port
+from gateway.settings import Settings
+from gateway_testing import DEFAULT_ORIGIN, staff_token
+
+__all__ = ["private_redis"]
+
+
+@attrs.define(eq=False)
+class V2Recorder:
+    """Everything a v2 client saw, in arrival order: nothing merged, nothing dropped."""
+
+    total: int
+    seqs: list[int] = attrs.Factory(list)
+    resumed: list[dict[str, Any]] = attrs.Factory(list)
+    positions: dict[str, str] = attrs.Factory(dict)
+    unpositioned: int = 0
+    connections: int = 0
+    complete: trio.Event = attrs.Factory(trio.Event)
+
+    def record(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "resumed":
+            self.resumed.append(frame)
+            return
+        self.seqs.append(int(frame["entity"]["seq"]))
+        pos = frame.get("_pos")
+        if pos is None:
+            self.unpositioned += 1
+        else:
+            self.positions[pos["stream"]] = pos["offset"]
+        if len(set(self.seqs)) == self.total:
+            self.complete.set()
+
+
+async def v2_client(rec: V2Recorder, port: int, token: str, connected: trio.Event) -> None:
+    url = f"ws://127.0.0.1:{port}/ws/admin?token={token}"
+    delay = 0.05
+    while True:
+        try:
+            async with open_websocket_url(url, extra_headers=[(b"Origin", DEFAULT_ORIGIN.encode())],
+                                          subprotocols=["integrador.v2"], message_queue_size=5000) as ws:
+                welcome = json.loads(await ws.get_message())
+                assert welcome["type"] == "welcome", welcome
+                await ws.send_message(json.dumps({"type": "resume", "positions": rec.positions}))
+                rec.connections += 1
+                delay = 0.05
+                connected.set()
+                while True:
+                    rec.record(json.loads(await ws.get_message()))
+        except BaseException as exc:
+            if not _is_disconnect(exc):
+                raise
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+@pytest.mark.slow
+async def test_v2_client_gets_every_event_once_in_order_across_a_gateway_crash(
+    private_redis: Callable[..., RedisProcess], tmp_path: Path
+) -> None:
+    total, rate, kill_at, restart_at = 1000, 200.0, 300, 600
+    redis = private_redis()
+    await trio.to_thread.run_sync(redis.start)
+    port = free_port()
+    settings = Settings.from_env({}, serving=False)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "WS_GATEWAY_"))}
+    env.update({
+        "REDIS_URL": redis.url,
+        "WS_GATEWAY_HOST": "127.0.0.1",
+        "WS_GATEWAY_PORT": str(port),
+        "GATEWAY_INSTANCE_ID": "crash-test-v2",
+        "GATEWAY_RECLAIM_IDLE": "0.5",
+        "GATEWAY_RECLAIM_INTERVAL": "0.5",
+        "GATEWAY_STREAM_BLOCK_MS": "100",
+        "ENVIRONMENT": "development",
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
+    })
+    proc = GatewayProcess(env, tmp_path / "gateway.log")
+    token = staff_token(settings, 1, roles=("ADMIN",), ttl=3600)
+    group = f"{settings.group_prefix}:crash-test-v2"
+    rec = V2Recorder(total)
+    client = make_client(redis.url)
+    try:
+        proc.start()
+        async with client, trio.open_nursery() as nursery:
+
+            async def group_exists() -> bool:
+                with contextlib.suppress(coredis.exceptions.ResponseError):
+                    return any(g[b"name"] == group.encode() for g in await client.xinfo_groups(STREAM))
+                return False
+
+            await wait_for(group_exists, 20, f"the gateway's consumer group\n{proc.log_tail()}")
+            connected = trio.Event()
+            nursery.start_soon(v2_client, rec, port, token, connected)
+            with trio.fail_after(20):
+                await connected.wait()
+            start = trio.current_time()
+            for seq in range(total):
+                if seq == kill_at:
+                    await trio.to_thread.run_sync(proc.kill)
+                elif seq == restart_at:
+                    proc.start()
+                await trio.sleep_until(start + seq / rate)
+                payload = encode_envelope(numbered("ROUND_PENDING", seq, table_id=5))
+                await xadd_capped(client, STREAM, {"data": payload}, STREAM_MAXLEN)
+            with trio.move_on_after(30):
+                await rec.complete.wait()
+            await trio.sleep(0.5)  # anything sent twice would arrive now
+            nursery.cancel_scope.cancel()
+    finally:
+        proc.stop()
+
+    duplicates = len(rec.seqs) - len(set(rec.seqs))
+    lost = total - len(set(rec.seqs))
+    replayed = sum(int(r["streams"].get("1:2", {}).get("replayed", 0)) for r in rec.resumed)
+    print(f"\nv2 crash test: published={total} delivered={len(rec.seqs)} duplicates={duplicates} lost={lost} "
+          f"connections={rec.connections} resumes={len(rec.resumed)} replayed={replayed} "
+          f"unpositioned={rec.unpositioned} gateway_starts={proc.starts}")
+    assert proc.starts == 2 and rec.connections >= 2
+    assert all(s["recovered"] for r in rec.resumed for s in r["streams"].values()), rec.resumed
+    assert rec.seqs == list(range(total)), (duplicates, lost, [s for s in range(total) if s not in rec.seqs][:20])
+    assert rec.unpositioned == 0
