@@ -9,6 +9,7 @@ Nursery tree::
         ├── stream consumer                    (XREADGROUP, ack after routing)
         ├── pub/sub reader                     (PSUBSCRIBE)
         ├── catch-up writer                    (pipelined stream appends)
+        ├── revocation batcher                 (one MGET for concurrent handshakes)
         ├── heartbeat sweeper, revalidator
         ├── listener                           (accept loop, own cancel scope)
         └── connections nursery                (one task per TCP connection)
@@ -182,6 +183,7 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(gw.pubsub.run, send.clone())
         services.start_soon(gw.catchup.writer)
+        services.start_soon(gw.revocation.batcher)
         services.start_soon(functools.partial(heartbeat_sweeper, gw.registry, silence=settings.heartbeat_timeout,
                                               interval=settings.heartbeat_sweep_interval))
         services.start_soon(functools.partial(revalidator, gw.registry, gw.revocation,
