@@ -44,7 +44,7 @@ from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
-from gateway.fanout.broadcast import Broadcaster, Job
+from gateway.fanout.broadcast import JOB_EVENTS, Broadcaster, Job
 from gateway.ingest.readers import PubSubReader, StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
@@ -139,7 +139,8 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
     stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
-                          Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap))
+                          Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
+                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size))
     status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
@@ -175,7 +176,9 @@ async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
 async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
     client = make_client(url)
     async with client, trio.open_nursery() as services:
-        send, receive = trio.open_memory_channel[Job](settings.broadcast_queue_size)
+        # A job carries up to JOB_EVENTS events: the channel holds as many events as the setting says.
+        per_job = min(JOB_EVENTS, settings.broadcast_queue_size)
+        send, receive = trio.open_memory_channel[Job](max(1, settings.broadcast_queue_size // per_job))
         gw = build(settings, client)
         # One dispatcher: dispatch is synchronous CPU work, so a second task would add no
         # throughput, and two woken workers may run in either order, which would reorder events.

@@ -31,6 +31,7 @@ from coredis.response.types import StreamPendingExt
 from gateway.catchup.store import CatchupStore
 from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.model import Event
 from gateway.core.streambatch import (
     DeadLetter,
     Entry,
@@ -53,6 +54,7 @@ from gateway.redisio.client import (
     DLQ_MAXLEN,
     group_missing,
     raise_unless_redis_failure,
+    ready_messages,
     xadd_capped,
 )
 from gateway.redisio.guards import RedisGuard
@@ -79,22 +81,15 @@ def _entries(items: Iterable[Any]) -> list[Entry]:
 
 
 @attrs.define(eq=False)
-class _Batch:
-    """Completion tracking for one XREADGROUP batch."""
+class _Outcome:
+    """How the events of one stream job went, once the broadcast worker dispatched them."""
 
-    pending: int
     done: trio.Event = attrs.Factory(trio.Event)
-    acked: list[Any] = attrs.Factory(list)
-    failed: list[Any] = attrs.Factory(list)
+    outcomes: list[bool] = attrs.Factory(list)
 
-    def callback(self, entry_id: Any) -> Any:
-        def on_done(ok: bool) -> None:
-            (self.acked if ok else self.failed).append(entry_id)
-            self.pending -= 1
-            if self.pending == 0:
-                self.done.set()
-
-        return on_done
+    def report(self, outcomes: list[bool]) -> None:
+        self.outcomes = outcomes
+        self.done.set()
 
 
 @attrs.frozen
@@ -262,15 +257,18 @@ class StreamConsumer:
         for invalid in batch.invalid:
             self.metrics.events_invalid.labels("stream", invalid.reason).inc()
             self._invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=invalid.reason)
-        tracking = _Batch(pending=len(batch.valid))
-        for entry_id, event in batch.valid:
-            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=tracking.callback(entry_id)))
+        # The whole batch is one job: one hand-over to the broadcast worker, not one per entry.
+        acked: list[Any] = []
         if batch.valid:
+            tracking = _Outcome()
+            await jobs.send(Job(events=[event for _id, event in batch.valid], source="stream", received_at=now,
+                                on_done=tracking.report))
             await tracking.done.wait()
+            acked = [entry_id for (entry_id, _e), ok in zip(batch.valid, tracking.outcomes, strict=True) if ok]
         if entries:
             self.last_id = last_entry_id(entries)
-        await self.finish(tracking.acked, batch.dead)
-        self.processed += len(tracking.acked)
+        await self.finish(acked, batch.dead)
+        self.processed += len(acked)
 
     async def finish(self, acked: list[Any], dead: list[DeadLetter]) -> None:
         ids = ack_ids(acked, dead)
@@ -333,6 +331,8 @@ class PubSubReader:
     metrics: Metrics
     max_message_size: int
     backoff: Backoff
+    #: Messages per job at most (each job is at most this many of the broadcast queue's events).
+    max_batch: int = 100
     #: Set once the patterns are subscribed.
     ready: trio.Event = attrs.Factory(trio.Event)
     _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
@@ -355,9 +355,10 @@ class PubSubReader:
                     backoff.reset()
                     await self.finish_trial(breaker)
                     async for message in pubsub:
-                        if message.get("type") != "pmessage":
-                            continue
-                        await self.handle(message.get("data"), jobs)
+                        # Every message coredis already holds goes in the same job.
+                        messages = [message, *ready_messages(pubsub, self.max_batch - 1)]
+                        await self.handle([m.get("data") for m in messages if m and m.get("type") == "pmessage"],
+                                          jobs)
                 raise ConnectionError("pub/sub connection ended")
             except BaseException as exc:
                 raise_unless_redis_failure(exc)
@@ -375,12 +376,18 @@ class PubSubReader:
             await self.redis.ping()
             self.guard.ok()
 
-    async def handle(self, raw: Any, jobs: trio.MemorySendChannel[Job]) -> None:
-        self.metrics.events_received.labels("pubsub").inc()
-        try:
-            event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=self.max_message_size)
-        except InvalidEvent as exc:
-            self.metrics.events_invalid.labels("pubsub", exc.reason).inc()
-            self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
+    async def handle(self, raws: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
+        """Validate the messages of one wake-up and hand the valid ones over as one job."""
+        if not raws:
             return
-        await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))
+        metrics = self.metrics
+        metrics.events_received.labels("pubsub").inc(len(raws))
+        events: list[Event] = []
+        for raw in raws:
+            try:
+                events.append(parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=self.max_message_size))
+            except InvalidEvent as exc:
+                metrics.events_invalid.labels("pubsub", exc.reason).inc()
+                self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
+        if events:
+            await jobs.send(Job(events=events, source="pubsub", received_at=trio.current_time()))
