@@ -45,7 +45,8 @@ from gateway.core.index import ConnectionIndex
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
 from gateway.fanout.broadcast import JOB_EVENTS, Broadcaster, Job
-from gateway.ingest.readers import PubSubReader, StreamConsumer, StreamSettings
+from gateway.ingest.pubsub import PubSubReader
+from gateway.ingest.readers import StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
 from gateway.redisio.embedded import run_embedded_redis
@@ -117,8 +118,9 @@ class Gateway:
         self.stop_requested.set()
 
 
-def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
-    """Wire every component of a gateway, each with only what it uses."""
+def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = None) -> Gateway:
+    """Wire every component of a gateway, each with only what it uses (``url``: Redis, for the
+    readers' own connections)."""
     metrics = Metrics()
     trusted = parse_networks(settings.trusted_proxies)
     registry = SocketRegistry(PendingConnections(settings.max_pending_connections, settings.max_pending_per_ip,
@@ -140,7 +142,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
     stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
-                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size))
+                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), url=url)
     status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
@@ -179,7 +181,7 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         # A job carries up to JOB_EVENTS events: the channel holds as many events as the setting says.
         per_job = min(JOB_EVENTS, settings.broadcast_queue_size)
         send, receive = trio.open_memory_channel[Job](max(1, settings.broadcast_queue_size // per_job))
-        gw = build(settings, client)
+        gw = build(settings, client, url)
         # One dispatcher: dispatch is synchronous CPU work, so a second task would add no
         # throughput, and two woken workers may run in either order, which would reorder events.
         services.start_soon(gw.broadcaster.worker, receive)

@@ -1,8 +1,9 @@
-"""Redis ingestion: the critical stream through this instance's consumer group, and pub/sub.
+"""Redis ingestion: the critical stream through this instance's consumer group (pub/sub is in
+``gateway.ingest.pubsub``).
 
-Both readers validate every event the same way (``gateway.core.events``), hand valid ones to the
-broadcast workers and survive any Redis outage: they retry forever with exponential backoff
-behind a circuit breaker, and report Redis health to the gateway (D15, D17).
+The reader validates every event (``gateway.core.events``), hands each batch's valid ones to the
+broadcast worker as one job and survives any Redis outage: it retries forever with exponential
+backoff behind a circuit breaker, and reports Redis health to the gateway (D15, D17).
 
 The stream reader acknowledges a batch only after all its entries reached their sockets' send
 queues, in one pipelined round trip that also carries dead-letter moves. An entry whose routing
@@ -29,9 +30,7 @@ from coredis.exceptions import (
 from coredis.response.types import StreamPendingExt
 
 from gateway.catchup.store import CatchupStore
-from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
-from gateway.core.events import InvalidEvent, parse_event
-from gateway.core.model import Event
+from gateway.core.breaker import Backoff
 from gateway.core.streambatch import (
     DeadLetter,
     Entry,
@@ -54,7 +53,6 @@ from gateway.redisio.client import (
     DLQ_MAXLEN,
     group_missing,
     raise_unless_redis_failure,
-    ready_messages,
     xadd_capped,
 )
 from gateway.redisio.guards import RedisGuard
@@ -62,15 +60,6 @@ from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")
 
-#: §5.1 patterns plus the tenant-wide admin channel (D12).
-PUBSUB_PATTERNS = (
-    "branch:*:waiters",
-    "branch:*:kitchen",
-    "branch:*:admin",
-    "sector:*:waiters",
-    "session:*",
-    "tenant:*:admin",
-)
 #: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
 
@@ -322,72 +311,3 @@ class StreamConsumer:
             log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
         if retry:
             await self.process(retry, jobs)
-
-
-@attrs.define(eq=False)
-class PubSubReader:
-    redis: coredis.Redis[bytes]
-    guard: RedisGuard
-    metrics: Metrics
-    max_message_size: int
-    backoff: Backoff
-    #: Messages per job at most (each job is at most this many of the broadcast queue's events).
-    max_batch: int = 100
-    #: Set once the patterns are subscribed.
-    ready: trio.Event = attrs.Factory(trio.Event)
-    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
-
-    async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        guard, backoff = self.guard, self.backoff
-        breaker = guard.breaker
-        while True:
-            if not breaker.allow():
-                await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
-                continue
-            try:
-                # Our own retry loop (not coredis') so outages reach the breaker and health.
-                pubsub = self.redis.pubsub(
-                    patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None
-                )
-                async with pubsub:
-                    self.ready.set()
-                    guard.ok()
-                    backoff.reset()
-                    await self.finish_trial(breaker)
-                    async for message in pubsub:
-                        # Every message coredis already holds goes in the same job.
-                        messages = [message, *ready_messages(pubsub, self.max_batch - 1)]
-                        await self.handle([m.get("data") for m in messages if m and m.get("type") == "pmessage"],
-                                          jobs)
-                raise ConnectionError("pub/sub connection ended")
-            except BaseException as exc:
-                raise_unless_redis_failure(exc)
-                guard.failed(exc)
-                await trio.sleep(backoff.next_delay())
-
-    async def finish_trial(self, breaker: CircuitBreaker) -> None:
-        """Close a half-open breaker with further trial calls once subscribed.
-
-        A half-open breaker closes after ``half_open_max_calls`` successful calls, but the
-        subscription is one call that lasts as long as Redis does: without these PINGs the breaker
-        would stay half-open until the next outage.
-        """
-        while breaker.state is BreakerState.HALF_OPEN and breaker.allow():
-            await self.redis.ping()
-            self.guard.ok()
-
-    async def handle(self, raws: Sequence[Any], jobs: trio.MemorySendChannel[Job]) -> None:
-        """Validate the messages of one wake-up and hand the valid ones over as one job."""
-        if not raws:
-            return
-        metrics = self.metrics
-        metrics.events_received.labels("pubsub").inc(len(raws))
-        events: list[Event] = []
-        for raw in raws:
-            try:
-                events.append(parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=self.max_message_size))
-            except InvalidEvent as exc:
-                metrics.events_invalid.labels("pubsub", exc.reason).inc()
-                self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
-        if events:
-            await jobs.send(Job(events=events, source="pubsub", received_at=trio.current_time()))
