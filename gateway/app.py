@@ -139,7 +139,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
     origins = allowed_origins(settings.allowed_origins)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
-    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)
+    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup, url=url)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
                           max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), url=url)

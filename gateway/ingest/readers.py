@@ -14,6 +14,7 @@ raised stays pending; the recovery pass reclaims it and moves it to the dead-let
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,7 @@ from gateway.core.streambatch import (
 from gateway.fanout.broadcast import Job
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
+from gateway.redisio import resp
 from gateway.redisio.client import (
     DLQ_MAXLEN,
     group_missing,
@@ -60,8 +62,20 @@ from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")
 
+#: Seconds a reply on the consumer's own connection may take (beyond XREADGROUP's BLOCK), as
+#: coredis' ``stream_timeout``.
+REPLY_TIMEOUT = 10.0
 #: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
+
+
+def _data_field(fields: list[bytes] | None) -> bytes:
+    """The ``data`` field of an entry as RESP returned it (a flat field/value list)."""
+    for i in range(0, len(fields or ()) - 1, 2):
+        assert fields is not None
+        if fields[i] == b"data":
+            return fields[i + 1]
+    return b""
 
 
 def _entries(items: Iterable[Any]) -> list[Entry]:
@@ -121,6 +135,11 @@ class StreamConsumer:
     _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     last_id: str | None = None
     processed: int = 0
+    #: Where to read new entries and acknowledge them on a connection of the consumer's own
+    #: (``gateway.redisio.resp``): no coredis tasks per round trip. None, or a URL that module does
+    #: not serve (TLS): coredis. Recovery and group management always use coredis.
+    url: str | None = None
+    _conn: resp.RespConnection | None = None
 
     @property
     def _group(self) -> str:
@@ -161,19 +180,13 @@ class StreamConsumer:
                 if now >= next_stale_check:
                     await self.remove_stale_groups()
                     next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, self.settings.group_stale_after / 2)
-                entries = await self.redis.xreadgroup(
-                    self._group,
-                    self._consumer,
-                    count=self.settings.batch,
-                    block=self.settings.block_ms,
-                    streams={self.settings.stream: ">"},
-                )
+                entries = await self.read_new()
                 guard.ok()
                 backoff.reset()
                 if entries:
-                    for _stream, items in entries.items():
-                        await self.process(_entries(items), jobs)
+                    await self.process(entries, jobs)
             except BaseException as exc:
+                await self._drop_connection()
                 if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
                     guard.ok()
@@ -185,6 +198,40 @@ class StreamConsumer:
                 raise_unless_redis_failure(exc)
                 guard.failed(exc)
                 await trio.sleep(backoff.next_delay())
+
+    async def _connection(self) -> resp.RespConnection | None:
+        """The consumer's own connection for reads and acknowledgements; None: use coredis."""
+        if self.url is None or not resp.supported(self.url):
+            return None
+        if self._conn is None:
+            self._conn = await resp.open_connection(self.url)
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def _call(self, conn: resp.RespConnection, commands: list[bytes], wait: float) -> list[Any]:
+        """One round trip; a reply that does not come in time is an outage (the connection goes)."""
+        with trio.move_on_after(wait):
+            return await conn.call(*commands)
+        await self._drop_connection()
+        raise TimeoutError("Redis did not answer in time")
+
+    async def read_new(self) -> list[Entry]:
+        """Up to ``batch`` new entries, waiting at most ``block_ms`` for the first (XREADGROUP >)."""
+        settings = self.settings
+        conn = await self._connection()
+        if conn is None:
+            read = await self.redis.xreadgroup(self._group, self._consumer, count=settings.batch,
+                                               block=settings.block_ms, streams={settings.stream: ">"})
+            return [entry for _stream, items in (read or {}).items() for entry in _entries(items)]
+        command = resp.encode("XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", settings.batch,
+                              "BLOCK", settings.block_ms, "STREAMS", settings.stream, ">")
+        (reply,) = await self._call(conn, [command], settings.block_ms / 1000 + REPLY_TIMEOUT)
+        return [(entry_id, _data_field(fields)) for _stream, items in reply or () for entry_id, fields in items]
 
     async def replay_own_pending(self, jobs: trio.MemorySendChannel[Job]) -> None:
         while True:
@@ -263,12 +310,18 @@ class StreamConsumer:
         ids = ack_ids(acked, dead)
         if not ids:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
+        conn = await self._connection()
+        commands = resp.Commands()
+        async with contextlib.AsyncExitStack() as stack:
+            pipe: Any = commands if conn is not None else await stack.enter_async_context(
+                self.redis.pipeline(transaction=False))
             # The batch's catch-up appends ride in the same round trip as its acknowledgements.
             self.catchup.take_into(pipe)
             for letter in dead:
                 xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
             pipe.xack(self.settings.stream, self._group, ids)
+        if conn is not None:
+            await self._call(conn, commands.queued, REPLY_TIMEOUT)
         self.metrics.stream_acked.inc(len(ids))
         for _ in dead:
             self.metrics.dlq.labels("invalid").inc()

@@ -15,14 +15,21 @@ Trio's resource errors for the transport, ``EOFError`` when Redis closes the con
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
-from coredis.exceptions import AuthenticationError, ResponseError
+from coredis.exceptions import AuthenticationError, RedisError, ResponseError
+from coredis.parser import Parser
+from coredis.tokens import PureToken
 
 _RECV = 65536
+
+
+#: coredis' own mapping of error replies to exception classes (NOGROUP, UNBLOCKED, BUSYGROUP, ...).
+_ERRORS = Parser()
 
 
 class _Incomplete(Exception):
@@ -34,7 +41,7 @@ def supported(url: str) -> bool:
     return urlsplit(url).scheme in ("redis", "unix")
 
 
-def encode(*args: bytes | str | int) -> bytes:
+def encode(*args: Any) -> bytes:
     """One command as a RESP array of bulk strings."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
@@ -72,7 +79,7 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     if kind == b"+":
         return line, pos
     if kind == b"-":
-        return ResponseError(line.decode(errors="replace")), pos
+        return _ERRORS.parse_error(line.decode(errors="replace")), pos
     raise ResponseError(f"unexpected RESP reply type {kind!r}")
 
 
@@ -83,6 +90,18 @@ class RespConnection:
 
     async def send(self, *commands: bytes) -> None:
         await self.stream.send_all(b"".join(commands))
+
+    async def call(self, *commands: bytes) -> list[Any]:
+        """Send ``commands`` in one write and return their replies; the first error reply is raised
+        once all are read (as a coredis pipeline does)."""
+        await self.send(*commands)
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            replies += await self.receive()
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
 
     def ready(self) -> list[Any]:
         """Every complete reply already received, in order."""
@@ -127,12 +146,37 @@ async def open_connection(url: str, *, connect_timeout: float = 5.0) -> RespConn
             raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
         conn = RespConnection(stream)
         try:
+            setup = []
             if password:
-                await conn.send(encode("AUTH", username, password) if username else encode("AUTH", password))
-                (reply,) = (await conn.receive())[:1]
-                if isinstance(reply, ResponseError):
-                    raise AuthenticationError(str(reply))
+                setup.append(encode("AUTH", username, password) if username else encode("AUTH", password))
+            db = int(query.get("db") or parts.path.strip("/") or 0) if parts.scheme == "redis" else int(query.get("db") or 0)
+            if db:
+                setup.append(encode("SELECT", db))
+            if setup:
+                try:
+                    await conn.call(*setup)
+                except ResponseError as exc:
+                    raise AuthenticationError(str(exc)) from None
         except BaseException:
             await conn.aclose()
             raise
     return conn
+
+
+@attrs.define
+class Commands:
+    """Commands queued for one :meth:`RespConnection.call`, spelled like coredis' pipeline methods
+    for the few the stream reader queues (``xadd_capped``, ``CatchupStore.take_into``)."""
+
+    queued: list[bytes] = attrs.Factory(list)
+
+    def eval(self, script: str, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> None:
+        self.queued.append(encode("EVAL", script, len(keys), *keys, *args))
+
+    def xadd(self, key: str, fields: Mapping[Any, Any], *, trim_strategy: PureToken, threshold: int,
+             trim_operator: PureToken) -> None:
+        flat = [part for item in fields.items() for part in item]
+        self.queued.append(encode("XADD", key, trim_strategy.value, trim_operator.value, threshold, "*", *flat))
+
+    def xack(self, key: str, group: str, identifiers: Sequence[Any]) -> None:
+        self.queued.append(encode("XACK", key, group, *identifiers))
