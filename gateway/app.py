@@ -127,7 +127,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
                                                  exempt=trusted))
     health = RedisHealth(metrics)
     guards = RedisGuards.build(settings, health, trio.current_time)
-    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events)
+    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events, url=url)
     broadcaster = Broadcaster(
         index=registry.index,
         metrics=metrics,
