@@ -135,7 +135,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
         on_delivered=catchup.add,
     )
     sectors = SectorSource(redis, SectorSettings.of(settings))
-    revocation = Revocation(redis, guards.auth)
+    revocation = Revocation(redis, guards.auth, url=url)
     origins = allowed_origins(settings.allowed_origins)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)

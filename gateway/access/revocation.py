@@ -18,6 +18,7 @@ import trio
 
 from gateway.core.auth import is_revoked, revocation_keys
 from gateway.core.model import Principal
+from gateway.redisio import resp
 from gateway.redisio.client import is_redis_failure
 from gateway.redisio.guards import RedisGuard
 
@@ -44,9 +45,14 @@ class Revocation:
     _open: _Batch = attrs.Factory(_Batch)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _batching: bool = False
+    #: Where the batcher sends its ``MGET``s on a RESP connection of its own (no coredis tasks per
+    #: round trip); None, or a URL ``gateway.redisio.resp`` does not serve (TLS): coredis.
+    url: str | None = None
+    _conn: resp.RespConnection | None = None
 
-    async def check(self, principals: Sequence[Principal]) -> list[bool] | None:
-        """Whether each principal is revoked; None when Redis cannot answer (D4)."""
+    async def check(self, principals: Sequence[Principal], *, own_connection: bool = False) -> list[bool] | None:
+        """Whether each principal is revoked; None when Redis cannot answer (D4). Only the batcher
+        uses ``own_connection`` (its RESP connection, used by one task at a time)."""
         keys: list[str] = []
         spans: list[tuple[int, int]] = []
         for p in principals:
@@ -60,14 +66,30 @@ class Revocation:
         values: Sequence[bytes | str | None]
         try:
             with trio.fail_after(REVOCATION_TIMEOUT):
-                values = await self.redis.mget(keys)
+                values = await self._mget(keys) if own_connection else await self.redis.mget(keys)
         except Exception as exc:
+            if own_connection:
+                await self._drop_connection()
             if not is_redis_failure(exc) and not isinstance(exc, trio.TooSlowError):
                 raise
             self.guard.failed(exc)
             return None
         self.guard.ok()
         return [is_revoked(p, list(values[a:b])) for p, (a, b) in zip(principals, spans, strict=True)]
+
+    async def _mget(self, keys: list[str]) -> Sequence[bytes | None]:
+        if self.url is None or not resp.supported(self.url):
+            return await self.redis.mget(keys)
+        if self._conn is None:
+            self._conn = await resp.open_connection(self.url)
+        (values,) = await self._conn.call(resp.encode("MGET", *keys))
+        return list(values)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
 
     async def check_one(self, principal: Principal) -> bool | None:
         """:meth:`check` of one principal, sharing a round trip with concurrent callers."""
@@ -104,6 +126,7 @@ class Revocation:
                     batch.done.set()
         finally:
             self._batching = False
+            await self._drop_connection()
             batch.done.set()
             self._open.done.set()
 
@@ -111,6 +134,6 @@ class Revocation:
         out: list[bool | None] = []
         for start in range(0, len(principals), MAX_BATCH):
             chunk = principals[start : start + MAX_BATCH]
-            revoked = await self.check(chunk)
+            revoked = await self.check(chunk, own_connection=True)
             out.extend([None] * len(chunk) if revoked is None else revoked)
         return out
