@@ -71,11 +71,8 @@ STALE_GROUP_CHECK_INTERVAL = 300.0
 
 def _data_field(fields: list[bytes] | None) -> bytes:
     """The ``data`` field of an entry as RESP returned it (a flat field/value list)."""
-    for i in range(0, len(fields or ()) - 1, 2):
-        assert fields is not None
-        if fields[i] == b"data":
-            return fields[i + 1]
-    return b""
+    pairs = fields or []
+    return next((pairs[i + 1] for i in range(0, len(pairs) - 1, 2) if pairs[i] == b"data"), b"")
 
 
 def _entries(items: Iterable[Any]) -> list[Entry]:
@@ -140,6 +137,8 @@ class StreamConsumer:
     #: not serve (TLS): coredis. Recovery and group management always use coredis.
     url: str | None = None
     _conn: resp.RespConnection | None = None
+    #: A batch's acknowledgement held for the next XREADGROUP's write: (commands, ids, dead letters).
+    _deferred: tuple[list[bytes], int, int] | None = None
 
     @property
     def _group(self) -> str:
@@ -174,6 +173,8 @@ class StreamConsumer:
                     group_ready = True
                     self.ready.set()
                 now = trio.current_time()
+                if now >= next_reclaim or now >= next_stale_check:
+                    await self._flush_deferred()  # those passes read the pending list
                 if now >= next_reclaim:
                     await self.reclaim(jobs)
                     next_reclaim = now + self.settings.reclaim_interval
@@ -184,7 +185,7 @@ class StreamConsumer:
                 guard.ok()
                 backoff.reset()
                 if entries:
-                    await self.process(entries, jobs)
+                    await self.process(entries, jobs, defer_ack=True)
             except BaseException as exc:
                 await self._drop_connection()
                 if group_missing(exc):
@@ -208,6 +209,7 @@ class StreamConsumer:
         return self._conn
 
     async def _drop_connection(self) -> None:
+        self._deferred = None  # unknown whether it was applied: the entries stay pending at worst
         conn, self._conn = self._conn, None
         if conn is not None:
             with trio.CancelScope(shield=True):
@@ -230,8 +232,24 @@ class StreamConsumer:
             return [entry for _stream, items in (read or {}).items() for entry in _entries(items)]
         command = resp.encode("XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", settings.batch,
                               "BLOCK", settings.block_ms, "STREAMS", settings.stream, ">")
-        (reply,) = await self._call(conn, [command], settings.block_ms / 1000 + REPLY_TIMEOUT)
-        return [(entry_id, _data_field(fields)) for _stream, items in reply or () for entry_id, fields in items]
+        # The previous batch's acknowledgement goes ahead of the read, in the same write: Redis
+        # applies and answers it before blocking, as early as a round trip of its own would.
+        deferred, self._deferred = self._deferred, None
+        acks = deferred[0] if deferred else []
+        with trio.move_on_after(settings.block_ms / 1000 + REPLY_TIMEOUT):
+            await conn.send(*acks, command)
+            replies: list[Any] = []
+            while len(replies) <= len(acks):
+                replies += await conn.receive()
+                if deferred is not None and len(replies) >= len(acks):
+                    resp.raise_errors(replies[: len(acks)])
+                    self._count_acked(deferred[1], deferred[2])
+                    deferred = None
+            resp.raise_errors(replies)
+            return [(entry_id, _data_field(fields)) for _stream, items in replies[-1] or ()
+                    for entry_id, fields in items]
+        await self._drop_connection()
+        raise TimeoutError("Redis did not answer in time")
 
     async def replay_own_pending(self, jobs: trio.MemorySendChannel[Job]) -> None:
         while True:
@@ -285,7 +303,8 @@ class StreamConsumer:
         except StreamDuplicateConsumerGroupError:
             pass
 
-    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job]) -> None:
+    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job], *,
+                      defer_ack: bool = False) -> None:
         """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
         now = trio.current_time()
         self.metrics.events_received.labels("stream").inc(len(entries))
@@ -303,10 +322,12 @@ class StreamConsumer:
             acked = [entry_id for (entry_id, _e), ok in zip(batch.valid, tracking.outcomes, strict=True) if ok]
         if entries:
             self.last_id = last_entry_id(entries)
-        await self.finish(acked, batch.dead)
+        await self.finish(acked, batch.dead, defer=defer_ack)
         self.processed += len(acked)
 
-    async def finish(self, acked: list[Any], dead: list[DeadLetter]) -> None:
+    async def finish(self, acked: list[Any], dead: list[DeadLetter], *, defer: bool = False) -> None:
+        """Acknowledge a routed batch (with its dead letters and the pending catch-up appends) in
+        one round trip; with ``defer``, in the same write as the next XREADGROUP (ahead of it)."""
         ids = ack_ids(acked, dead)
         if not ids:
             return
@@ -321,10 +342,23 @@ class StreamConsumer:
                 xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
             pipe.xack(self.settings.stream, self._group, ids)
         if conn is not None:
+            if defer:
+                await self._flush_deferred()  # never two batches' acknowledgements held back
+                self._deferred = (commands.queued, len(ids), len(dead))
+                return
             await self._call(conn, commands.queued, REPLY_TIMEOUT)
-        self.metrics.stream_acked.inc(len(ids))
-        for _ in dead:
-            self.metrics.dlq.labels("invalid").inc()
+        self._count_acked(len(ids), len(dead))
+
+    def _count_acked(self, ids: int, dead: int) -> None:
+        self.metrics.stream_acked.inc(ids)
+        if dead:  # no series for a reason that never happened
+            self.metrics.dlq.labels("invalid").inc(dead)
+
+    async def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and self._conn is not None:
+            await self._call(self._conn, deferred[0], REPLY_TIMEOUT)
+            self._count_acked(deferred[1], deferred[2])
 
     def _dlq_fields(self, letter: DeadLetter) -> dict[str, Any]:
         return dlq_fields(letter, stream=self.settings.stream, consumer=self._consumer, failed_at=time.time())

@@ -83,6 +83,13 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     raise ResponseError(f"unexpected RESP reply type {kind!r}")
 
 
+def raise_errors(replies: Sequence[Any]) -> None:
+    """Raise the first error reply among ``replies``."""
+    for reply in replies:
+        if isinstance(reply, RedisError):
+            raise reply
+
+
 @attrs.define(eq=False)
 class RespConnection:
     stream: trio.abc.Stream
@@ -98,9 +105,7 @@ class RespConnection:
         replies: list[Any] = []
         while len(replies) < len(commands):
             replies += await self.receive()
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                raise reply
+        raise_errors(replies)
         return replies
 
     def ready(self) -> list[Any]:
