@@ -9,6 +9,7 @@ Nursery tree::
         ├── stream consumer                    (XREADGROUP, ack after routing)
         ├── pub/sub reader                     (PSUBSCRIBE)
         ├── catch-up writer                    (pipelined stream appends)
+        ├── revocation batcher                 (one MGET for concurrent handshakes)
         ├── heartbeat sweeper, revalidator
         ├── listener                           (accept loop, own cancel scope)
         └── connections nursery                (one task per TCP connection)
@@ -45,9 +46,10 @@ from gateway.core.dedup import Deduper
 from gateway.core.index import ConnectionIndex
 from gateway.core.origins import allowed_origins
 from gateway.core.pending import PendingConnections
-from gateway.fanout.broadcast import Broadcaster, Job
+from gateway.fanout.broadcast import JOB_EVENTS, Broadcaster, Job
 from gateway.fanout.positioner import Positioner
-from gateway.ingest.readers import PubSubReader, StreamConsumer, StreamSettings
+from gateway.ingest.pubsub import PubSubReader
+from gateway.ingest.readers import StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
 from gateway.redisio.embedded import run_embedded_redis
@@ -122,15 +124,16 @@ class Gateway:
         self.stop_requested.set()
 
 
-def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
-    """Wire every component of a gateway, each with only what it uses."""
+def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = None) -> Gateway:
+    """Wire every component of a gateway, each with only what it uses (``url``: Redis, for the
+    readers' own connections)."""
     metrics = Metrics()
     trusted = parse_networks(settings.trusted_proxies)
     registry = SocketRegistry(PendingConnections(settings.max_pending_connections, settings.max_pending_per_ip,
                                                  exempt=trusted))
     health = RedisHealth(metrics)
     guards = RedisGuards.build(settings, health, trio.current_time)
-    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events)
+    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events, url=url)
     # Every event is appended before fan-out (its v2 frame carries the entry's id), so the
     # broadcaster appends nothing itself; the store holds the larger of both windows.
     window = max(settings.resume_window, settings.catchup_window)
@@ -143,15 +146,16 @@ def build(settings: Settings, redis: coredis.Redis[bytes]) -> Gateway:
         deduper=Deduper(settings.dedup_window, settings.dedup_ts_tolerance),
     )
     sectors = SectorSource(redis, SectorSettings.of(settings))
-    revocation = Revocation(redis, guards.auth)
+    revocation = Revocation(redis, guards.auth, url=url)
     # Only a development gateway falls back to the built-in list; the console it serves connects
     # from the gateway's own origin.
     origins = allowed_origins(settings.allowed_origins, settings.port if settings.environment == "development" else None)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
-    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup)
+    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup, url=url)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
-                          Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap))
+                          Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
+                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), url=url)
     status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
@@ -190,9 +194,11 @@ async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
 async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
     client = make_client(url)
     async with client, trio.open_nursery() as services:
-        send, receive = trio.open_memory_channel[Job](settings.broadcast_queue_size)
-        placed, to_dispatch = trio.open_memory_channel[Job](ASSIGN_CHUNK)
-        gw = build(settings, client)
+        # A job carries up to JOB_EVENTS events: the channel holds as many events as the setting says.
+        per_job = min(JOB_EVENTS, settings.broadcast_queue_size)
+        send, receive = trio.open_memory_channel[Job](max(1, settings.broadcast_queue_size // per_job))
+        placed, to_dispatch = trio.open_memory_channel[Job](max(1, ASSIGN_CHUNK // per_job))
+        gw = build(settings, client, url)
         # Readers -> positioner (appends each batch to the store, one round trip) -> one
         # dispatcher: dispatch is synchronous CPU work, so a second task would add no
         # throughput, and two woken workers may run in either order, which would reorder events.
@@ -201,6 +207,7 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(gw.pubsub.run, send.clone())
         services.start_soon(gw.catchup.writer)
+        services.start_soon(gw.revocation.batcher)
         services.start_soon(functools.partial(heartbeat_sweeper, gw.registry, silence=settings.heartbeat_timeout,
                                               interval=settings.heartbeat_sweep_interval))
         services.start_soon(functools.partial(revalidator, gw.registry, gw.revocation,

@@ -1,7 +1,7 @@
 """Admission of a WebSocket: one decision before the 101, registration after it.
 
 :func:`decide` runs while the upgrade request waits: Origin, credential, role, revocation (one
-Redis ``MGET``), sectors and the connection limits. Its verdict is one of three:
+Redis ``MGET`` shared with concurrent handshakes), sectors and the connection limits. Its verdict is one of three:
 
 - a recoverable refusal (limits, Redis unavailable, draining) is answered **before** the upgrade,
   as HTTP 429/503 with ``Retry-After`` (D22). A browser then sees a failed connection (1006)
@@ -155,10 +155,10 @@ class Admission:
         if limit is not None:
             return _refuse(limit)
         if not principal.is_diner:
-            revoked = await self.revocation.check([principal])
+            revoked = await self.revocation.check_one(principal)
             if revoked is None:
                 return _refuse("redis_unavailable")
-            if revoked[0]:
+            if revoked:
                 return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
             if principal.is_plain_waiter or endpoint == "waiter":
                 principal = await self.sectors.assign(principal, refresh=False)

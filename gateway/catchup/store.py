@@ -22,6 +22,7 @@ import trio
 
 from gateway.core.events import InvalidEvent, parse_event
 from gateway.core.model import Event
+from gateway.redisio import resp
 from gateway.redisio.client import is_redis_failure
 from gateway.redisio.guards import RedisGuard
 
@@ -55,6 +56,8 @@ def catchup_key(tenant_id: int, branch_id: int) -> str:
     return f"gw:catchup:{tenant_id}:{branch_id}"
 
 
+#: How long the writer's round trip may take on its own connection (coredis' ``stream_timeout``).
+WRITE_TIMEOUT = 10.0
 #: How long one catch-up read may take before it counts as a Redis failure.
 READ_TIMEOUT = 2.0
 
@@ -67,6 +70,10 @@ class CatchupStore:
     max_events: int
     pending: list[Event] = attrs.Factory(list)
     _wakeup: trio.Event = attrs.Factory(trio.Event)
+    #: Where the writer flushes on a connection of its own (``gateway.redisio.resp``); None, or a
+    #: URL that module does not serve (TLS): through coredis.
+    url: str | None = None
+    _conn: resp.RespConnection | None = None
 
     def add(self, event: Event) -> None:
         if event.branch_id > 0:
@@ -113,11 +120,11 @@ class CatchupStore:
                 continue
             batch = list(self.pending)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    self.take_into(pipe)
+                await self._flush()
             except Exception as exc:
-                if not is_redis_failure(exc):
+                if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                     raise
+                await self._drop_connection()
                 self.pending[:0] = batch
                 del self.pending[:-MAX_BUFFERED]
                 guard.failed(exc)
@@ -125,6 +132,24 @@ class CatchupStore:
                 await trio.sleep(FLUSH_INTERVAL)
             else:
                 guard.ok()
+
+    async def _flush(self) -> None:
+        if self.url is None or not resp.supported(self.url):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self.take_into(pipe)
+            return
+        if self._conn is None:
+            self._conn = await resp.open_connection(self.url)
+        commands = resp.Commands()
+        self.take_into(commands)
+        with trio.fail_after(WRITE_TIMEOUT):
+            await self._conn.call(*commands.queued)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         start = max(since, time.time() - self.window) * 1000

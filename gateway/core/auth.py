@@ -134,18 +134,24 @@ def _pyjwt_reason(exc: jwt.PyJWTError) -> str:
     return "malformed"
 
 
+#: Header segments known to name HS256: an issuer sends one header, and reading it parses the token.
+_HS256_HEADERS: set[str] = set()
+
+
 def _decode_jwt(token: str, *, secret: str, issuer: str, audience: str) -> dict[str, Any]:
     """Signature, algorithm, ``iss`` and ``aud``; claim values are checked by the callers."""
-    # PyJWT encodes the text as UTF-8, which raises on lone surrogates from a decoded query
-    # string; a real JWT is ASCII anyway.
+    # PyJWT encodes as UTF-8, which raises on lone surrogates from a query string; a JWT is ASCII.
     if not token.isascii():
         raise _fail("malformed")
     try:
-        header = jwt.get_unverified_header(token)
-        # PyJWT would also refuse these, but as a generic error; the explicit check keeps
-        # `alg: none` and friends under their own metric label.
-        if header.get("alg") != ALGORITHM:
-            raise _fail("bad_algorithm")
+        head = token.partition(".")[0]
+        if head not in _HS256_HEADERS:
+            header = jwt.get_unverified_header(token)
+            # PyJWT refuses these too, but generically: `alg: none` and friends get their own label.
+            if header.get("alg") != ALGORITHM:
+                raise _fail("bad_algorithm")
+            if len(_HS256_HEADERS) < 64:
+                _HS256_HEADERS.add(head)  # a few good ones only; jwt.decode checks the token anyway
         with warnings.catch_warnings():
             # PyJWT warns on every decode with a short HMAC key; the secret is a deployment
             # setting, so a warning per connection would only flood the log.

@@ -1,6 +1,6 @@
 """Fan-out: one validated event in, one encoded frame out to each member of its audience.
 
-Redis readers and the publish API put :class:`Job` objects on a bounded memory channel; one
+Redis readers put :class:`Job` objects (the events of one read) on a bounded memory channel; one
 broadcast worker takes them in order and calls :meth:`Broadcaster.dispatch`. ``dispatch`` is
 synchronous (it never checkpoints), so each socket sees events in the order they were read, and the
 index and dedup state need no locks. It is one task on purpose: the work is CPU-bound on one thread,
@@ -31,18 +31,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.broadcast")
 
+#: Events per job at most from pub/sub (a stream job is one XREADGROUP batch).
+JOB_EVENTS = 100
+
 
 @attrs.define(eq=False)
 class Job:
-    event: Event
+    """Events read together (one XREADGROUP batch, or the pub/sub messages that were ready at one
+    wake-up), dispatched in order in one pass of the worker."""
+
+    events: list[Event]
     source: str
-    #: ``trio.current_time()`` when the event was read, for the delivery latency histogram.
+    #: ``trio.current_time()`` when the events were read, for the delivery latency histogram.
     received_at: float
-    #: Called with True once the event reached its sockets' send queues (the stream acknowledges
-    #: it then), or with False when routing raised (the entry stays pending and is retried).
-    on_done: Callable[[bool], None] | None = None
-    #: Where the event is stored, for the v2 frame (set before fan-out when it could be stored).
-    position: Position | None = None
+    #: Called once every event was dispatched, with one flag per event: True once it reached its
+    #: sockets' send queues (the stream acknowledges it then), False when routing raised (the entry
+    #: stays pending and is retried).
+    on_done: Callable[[list[bool]], None] | None = None
+    #: Where each event is stored, for its v2 frame (set before fan-out when it could be stored).
+    positions: list[Position | None] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -55,20 +62,19 @@ class Broadcaster:
     delivered_events: int = 0
     duplicate_events: int = 0
 
-    def dispatch(self, job: Job) -> int:
-        """Deliver ``job.event`` to its audience; returns the number of frames handed over."""
-        event = job.event
+    def dispatch(self, event: Event, source: str, received_at: float, position: Position | None = None) -> int:
+        """Deliver ``event`` to its audience; returns the number of frames handed over."""
         now = trio.current_time()
         if not self.deduper.first_sighting(event.dedup_key, event.ts_epoch, now):
             self.duplicate_events += 1
-            self.metrics.events_duplicate.labels(job.source).inc()
+            self.metrics.events_duplicate.labels(source).inc()
             return 0
         try:
             targets = audience(event, self.index)
         except Exception:
             self.deduper.retract(event.dedup_key)
             raise
-        self.metrics.events_routed.labels(job.source).inc()
+        self.metrics.events_routed.labels(source).inc()
         self.delivered_events += 1
         if self.on_delivered is not None:
             self.on_delivered(event)
@@ -76,7 +82,7 @@ class Broadcaster:
             self.metrics.events_unrouted.inc()
             return 0
         frame = text_frame(event.frame_payload)
-        v2 = V2Frames(event.frame_payload, job.position)  # encoded once, on the first v2 recipient
+        v2 = V2Frames(event.frame_payload, position)  # encoded once, on the first v2 recipient
         sent = direct = 0
         for conn in targets:
             result = conn.deliver(frame) if conn.v2 is None else v2.deliver(conn)
@@ -86,18 +92,34 @@ class Broadcaster:
                     direct += 1
         self.metrics.frames_delivered.inc(sent)
         self.metrics.direct_writes.inc(direct)
-        self.metrics.delivery_latency.observe(trio.current_time() - job.received_at)
+        self.metrics.delivery_latency.observe(trio.current_time() - received_at)
         return sent
+
+    def run_job(self, job: Job) -> None:
+        """Dispatch a job's events in order and report how each went."""
+        outcomes: list[bool] = []
+        positions = job.positions
+        for i, event in enumerate(job.events):
+            try:
+                self.dispatch(event, job.source, job.received_at, positions[i] if i < len(positions) else None)
+            except Exception:
+                # A routing bug must not take the worker (and every socket's feed) down.
+                log.exception("dispatch failed", extra={"event_type": event.type})
+                outcomes.append(False)
+            else:
+                outcomes.append(True)
+        if job.on_done is not None:
+            job.on_done(outcomes)
 
     async def worker(self, jobs: trio.MemoryReceiveChannel[Job]) -> None:
         async for job in jobs:
-            try:
-                self.dispatch(job)
-            except Exception:
-                # A routing bug must not take the worker (and every socket's feed) down.
-                log.exception("dispatch failed", extra={"event_type": job.event.type})
-                ok = False
-            else:
-                ok = True
-            if job.on_done is not None:
-                job.on_done(ok)
+            self.run_job(job)
+            # Whatever else is already queued goes in the same wake-up, in order.
+            while True:
+                try:
+                    job = jobs.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    return
+                self.run_job(job)

@@ -34,7 +34,7 @@ class Positioner:
         async with out:
             async for first in jobs:
                 batch = [first]
-                while len(batch) < ASSIGN_CHUNK:
+                while sum(len(job.events) for job in batch) < ASSIGN_CHUNK:
                     try:
                         batch.append(jobs.receive_nowait())
                     except trio.WouldBlock:
@@ -55,9 +55,12 @@ class Positioner:
 
     async def place(self, batch: list[Job]) -> None:
         now = trio.current_time()
-        fresh = [job for job in batch
-                 if self.deduper.first_sighting(job.event.dedup_key, job.event.ts_epoch, now)]
-        positions = await self.store.assign([job.event for job in fresh])
-        for job, position in zip(fresh, positions, strict=True):
-            job.position = position
+        fresh: list[tuple[Job, int]] = []
+        for job in batch:
+            job.positions = [None] * len(job.events)
+            fresh.extend((job, i) for i, event in enumerate(job.events)
+                         if self.deduper.first_sighting(event.dedup_key, event.ts_epoch, now))
+        positions = await self.store.assign([job.events[i] for job, i in fresh])
+        for (job, i), position in zip(fresh, positions, strict=True):
+            job.positions[i] = position
         self.assigned += len(fresh)

@@ -1,8 +1,9 @@
-"""Redis ingestion: the critical stream through this instance's consumer group, and pub/sub.
+"""Redis ingestion: the critical stream through this instance's consumer group (pub/sub is in
+``gateway.ingest.pubsub``).
 
-Both readers validate every event the same way (``gateway.core.events``), hand valid ones to the
-broadcast workers and survive any Redis outage: they retry forever with exponential backoff
-behind a circuit breaker, and report Redis health to the gateway (D15, D17).
+The reader validates every event (``gateway.core.events``), hands each batch's valid ones to the
+broadcast worker as one job and survives any Redis outage: it retries forever with exponential
+backoff behind a circuit breaker, and reports Redis health to the gateway (D15, D17).
 
 The stream reader acknowledges a batch only after all its entries reached their sockets' send
 queues, in one pipelined round trip that also carries dead-letter moves. An entry whose routing
@@ -13,6 +14,7 @@ raised stays pending; the recovery pass reclaims it and moves it to the dead-let
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -29,8 +31,7 @@ from coredis.exceptions import (
 from coredis.response.types import StreamPendingExt
 
 from gateway.catchup.store import CatchupStore
-from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
-from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.breaker import Backoff
 from gateway.core.streambatch import (
     DeadLetter,
     Entry,
@@ -49,6 +50,7 @@ from gateway.core.streambatch import (
 from gateway.fanout.broadcast import Job
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
+from gateway.redisio import resp
 from gateway.redisio.client import (
     DLQ_MAXLEN,
     group_missing,
@@ -60,17 +62,17 @@ from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")
 
-#: §5.1 patterns plus the tenant-wide admin channel (D12).
-PUBSUB_PATTERNS = (
-    "branch:*:waiters",
-    "branch:*:kitchen",
-    "branch:*:admin",
-    "sector:*:waiters",
-    "session:*",
-    "tenant:*:admin",
-)
+#: Seconds a reply on the consumer's own connection may take (beyond XREADGROUP's BLOCK), as
+#: coredis' ``stream_timeout``.
+REPLY_TIMEOUT = 10.0
 #: Stale groups are looked for this often, or twice per ``group_stale_after`` if that is shorter.
 STALE_GROUP_CHECK_INTERVAL = 300.0
+
+
+def _data_field(fields: list[bytes] | None) -> bytes:
+    """The ``data`` field of an entry as RESP returned it (a flat field/value list)."""
+    pairs = fields or []
+    return next((pairs[i + 1] for i in range(0, len(pairs) - 1, 2) if pairs[i] == b"data"), b"")
 
 
 def _entries(items: Iterable[Any]) -> list[Entry]:
@@ -79,22 +81,15 @@ def _entries(items: Iterable[Any]) -> list[Entry]:
 
 
 @attrs.define(eq=False)
-class _Batch:
-    """Completion tracking for one XREADGROUP batch."""
+class _Outcome:
+    """How the events of one stream job went, once the broadcast worker dispatched them."""
 
-    pending: int
     done: trio.Event = attrs.Factory(trio.Event)
-    acked: list[Any] = attrs.Factory(list)
-    failed: list[Any] = attrs.Factory(list)
+    outcomes: list[bool] = attrs.Factory(list)
 
-    def callback(self, entry_id: Any) -> Any:
-        def on_done(ok: bool) -> None:
-            (self.acked if ok else self.failed).append(entry_id)
-            self.pending -= 1
-            if self.pending == 0:
-                self.done.set()
-
-        return on_done
+    def report(self, outcomes: list[bool]) -> None:
+        self.outcomes = outcomes
+        self.done.set()
 
 
 @attrs.frozen
@@ -137,6 +132,13 @@ class StreamConsumer:
     _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     last_id: str | None = None
     processed: int = 0
+    #: Where to read new entries and acknowledge them on a connection of the consumer's own
+    #: (``gateway.redisio.resp``): no coredis tasks per round trip. None, or a URL that module does
+    #: not serve (TLS): coredis. Recovery and group management always use coredis.
+    url: str | None = None
+    _conn: resp.RespConnection | None = None
+    #: A batch's acknowledgement held for the next XREADGROUP's write: (commands, ids, dead letters).
+    _deferred: tuple[list[bytes], int, int] | None = None
 
     @property
     def _group(self) -> str:
@@ -171,25 +173,21 @@ class StreamConsumer:
                     group_ready = True
                     self.ready.set()
                 now = trio.current_time()
+                if now >= next_reclaim or now >= next_stale_check:
+                    await self._flush_deferred()  # those passes read the pending list
                 if now >= next_reclaim:
                     await self.reclaim(jobs)
                     next_reclaim = now + self.settings.reclaim_interval
                 if now >= next_stale_check:
                     await self.remove_stale_groups()
                     next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, self.settings.group_stale_after / 2)
-                entries = await self.redis.xreadgroup(
-                    self._group,
-                    self._consumer,
-                    count=self.settings.batch,
-                    block=self.settings.block_ms,
-                    streams={self.settings.stream: ">"},
-                )
+                entries = await self.read_new()
                 guard.ok()
                 backoff.reset()
                 if entries:
-                    for _stream, items in entries.items():
-                        await self.process(_entries(items), jobs)
+                    await self.process(entries, jobs, defer_ack=True)
             except BaseException as exc:
+                await self._drop_connection()
                 if group_missing(exc):
                     log.warning("consumer group missing: recreating it", extra={"group": self._group})
                     guard.ok()
@@ -201,6 +199,57 @@ class StreamConsumer:
                 raise_unless_redis_failure(exc)
                 guard.failed(exc)
                 await trio.sleep(backoff.next_delay())
+
+    async def _connection(self) -> resp.RespConnection | None:
+        """The consumer's own connection for reads and acknowledgements; None: use coredis."""
+        if self.url is None or not resp.supported(self.url):
+            return None
+        if self._conn is None:
+            self._conn = await resp.open_connection(self.url)
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        self._deferred = None  # unknown whether it was applied: the entries stay pending at worst
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def _call(self, conn: resp.RespConnection, commands: list[bytes], wait: float) -> list[Any]:
+        """One round trip; a reply that does not come in time is an outage (the connection goes)."""
+        with trio.move_on_after(wait):
+            return await conn.call(*commands)
+        await self._drop_connection()
+        raise TimeoutError("Redis did not answer in time")
+
+    async def read_new(self) -> list[Entry]:
+        """Up to ``batch`` new entries, waiting at most ``block_ms`` for the first (XREADGROUP >)."""
+        settings = self.settings
+        conn = await self._connection()
+        if conn is None:
+            read = await self.redis.xreadgroup(self._group, self._consumer, count=settings.batch,
+                                               block=settings.block_ms, streams={settings.stream: ">"})
+            return [entry for _stream, items in (read or {}).items() for entry in _entries(items)]
+        command = resp.encode("XREADGROUP", "GROUP", self._group, self._consumer, "COUNT", settings.batch,
+                              "BLOCK", settings.block_ms, "STREAMS", settings.stream, ">")
+        # The previous batch's acknowledgement goes ahead of the read, in the same write: Redis
+        # applies and answers it before blocking, as early as a round trip of its own would.
+        deferred, self._deferred = self._deferred, None
+        acks = deferred[0] if deferred else []
+        with trio.move_on_after(settings.block_ms / 1000 + REPLY_TIMEOUT):
+            await conn.send(*acks, command)
+            replies: list[Any] = []
+            while len(replies) <= len(acks):
+                replies += await conn.receive()
+                if deferred is not None and len(replies) >= len(acks):
+                    resp.raise_errors(replies[: len(acks)])
+                    self._count_acked(deferred[1], deferred[2])
+                    deferred = None
+            resp.raise_errors(replies)
+            return [(entry_id, _data_field(fields)) for _stream, items in replies[-1] or ()
+                    for entry_id, fields in items]
+        await self._drop_connection()
+        raise TimeoutError("Redis did not answer in time")
 
     async def replay_own_pending(self, jobs: trio.MemorySendChannel[Job]) -> None:
         while True:
@@ -254,7 +303,8 @@ class StreamConsumer:
         except StreamDuplicateConsumerGroupError:
             pass
 
-    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job]) -> None:
+    async def process(self, entries: Sequence[Entry], jobs: trio.MemorySendChannel[Job], *,
+                      defer_ack: bool = False) -> None:
         """Route a batch, wait until it reached the send queues, then ack it in one round trip."""
         now = trio.current_time()
         self.metrics.events_received.labels("stream").inc(len(entries))
@@ -262,29 +312,53 @@ class StreamConsumer:
         for invalid in batch.invalid:
             self.metrics.events_invalid.labels("stream", invalid.reason).inc()
             self._invalid_log.warning("invalid stream entry moved to the dead-letter stream", reason=invalid.reason)
-        tracking = _Batch(pending=len(batch.valid))
-        for entry_id, event in batch.valid:
-            await jobs.send(Job(event=event, source="stream", received_at=now, on_done=tracking.callback(entry_id)))
+        # The whole batch is one job: one hand-over to the broadcast worker, not one per entry.
+        acked: list[Any] = []
         if batch.valid:
+            tracking = _Outcome()
+            await jobs.send(Job(events=[event for _id, event in batch.valid], source="stream", received_at=now,
+                                on_done=tracking.report))
             await tracking.done.wait()
+            acked = [entry_id for (entry_id, _e), ok in zip(batch.valid, tracking.outcomes, strict=True) if ok]
         if entries:
             self.last_id = last_entry_id(entries)
-        await self.finish(tracking.acked, batch.dead)
-        self.processed += len(tracking.acked)
+        await self.finish(acked, batch.dead, defer=defer_ack)
+        self.processed += len(acked)
 
-    async def finish(self, acked: list[Any], dead: list[DeadLetter]) -> None:
+    async def finish(self, acked: list[Any], dead: list[DeadLetter], *, defer: bool = False) -> None:
+        """Acknowledge a routed batch (with its dead letters and the pending catch-up appends) in
+        one round trip; with ``defer``, in the same write as the next XREADGROUP (ahead of it)."""
         ids = ack_ids(acked, dead)
         if not ids:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
+        conn = await self._connection()
+        commands = resp.Commands()
+        async with contextlib.AsyncExitStack() as stack:
+            pipe: Any = commands if conn is not None else await stack.enter_async_context(
+                self.redis.pipeline(transaction=False))
             # The batch's catch-up appends ride in the same round trip as its acknowledgements.
             self.catchup.take_into(pipe)
             for letter in dead:
                 xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
             pipe.xack(self.settings.stream, self._group, ids)
-        self.metrics.stream_acked.inc(len(ids))
-        for _ in dead:
-            self.metrics.dlq.labels("invalid").inc()
+        if conn is not None:
+            if defer:
+                await self._flush_deferred()  # never two batches' acknowledgements held back
+                self._deferred = (commands.queued, len(ids), len(dead))
+                return
+            await self._call(conn, commands.queued, REPLY_TIMEOUT)
+        self._count_acked(len(ids), len(dead))
+
+    def _count_acked(self, ids: int, dead: int) -> None:
+        self.metrics.stream_acked.inc(ids)
+        if dead:  # no series for a reason that never happened
+            self.metrics.dlq.labels("invalid").inc(dead)
+
+    async def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None and self._conn is not None:
+            await self._call(self._conn, deferred[0], REPLY_TIMEOUT)
+            self._count_acked(deferred[1], deferred[2])
 
     def _dlq_fields(self, letter: DeadLetter) -> dict[str, Any]:
         return dlq_fields(letter, stream=self.settings.stream, consumer=self._consumer, failed_at=time.time())
@@ -324,63 +398,3 @@ class StreamConsumer:
             log.error("stream entries moved to the dead-letter stream", extra={"count": len(dead)})
         if retry:
             await self.process(retry, jobs)
-
-
-@attrs.define(eq=False)
-class PubSubReader:
-    redis: coredis.Redis[bytes]
-    guard: RedisGuard
-    metrics: Metrics
-    max_message_size: int
-    backoff: Backoff
-    #: Set once the patterns are subscribed.
-    ready: trio.Event = attrs.Factory(trio.Event)
-    _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
-
-    async def run(self, jobs: trio.MemorySendChannel[Job]) -> None:
-        guard, backoff = self.guard, self.backoff
-        breaker = guard.breaker
-        while True:
-            if not breaker.allow():
-                await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
-                continue
-            try:
-                # Our own retry loop (not coredis') so outages reach the breaker and health.
-                pubsub = self.redis.pubsub(
-                    patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None
-                )
-                async with pubsub:
-                    self.ready.set()
-                    guard.ok()
-                    backoff.reset()
-                    await self.finish_trial(breaker)
-                    async for message in pubsub:
-                        if message.get("type") != "pmessage":
-                            continue
-                        await self.handle(message.get("data"), jobs)
-                raise ConnectionError("pub/sub connection ended")
-            except BaseException as exc:
-                raise_unless_redis_failure(exc)
-                guard.failed(exc)
-                await trio.sleep(backoff.next_delay())
-
-    async def finish_trial(self, breaker: CircuitBreaker) -> None:
-        """Close a half-open breaker with further trial calls once subscribed.
-
-        A half-open breaker closes after ``half_open_max_calls`` successful calls, but the
-        subscription is one call that lasts as long as Redis does: without these PINGs the breaker
-        would stay half-open until the next outage.
-        """
-        while breaker.state is BreakerState.HALF_OPEN and breaker.allow():
-            await self.redis.ping()
-            self.guard.ok()
-
-    async def handle(self, raw: Any, jobs: trio.MemorySendChannel[Job]) -> None:
-        self.metrics.events_received.labels("pubsub").inc()
-        try:
-            event = parse_event(raw if isinstance(raw, bytes | str) else b"", max_size=self.max_message_size)
-        except InvalidEvent as exc:
-            self.metrics.events_invalid.labels("pubsub", exc.reason).inc()
-            self._invalid_log.warning("invalid pub/sub event dropped", reason=exc.reason)
-            return
-        await jobs.send(Job(event=event, source="pubsub", received_at=trio.current_time()))

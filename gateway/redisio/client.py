@@ -79,6 +79,22 @@ def raise_unless_redis_failure(exc: BaseException) -> None:
         raise rest from None
 
 
+def ready_messages(pubsub: Any, limit: int) -> list[Any]:
+    """Up to ``limit`` pub/sub messages coredis has already received, without waiting.
+
+    coredis hands messages over one ``get_message`` (a cancel scope and a checkpoint) at a time and
+    has no call for "everything that is there"; this takes them from the same memory stream
+    ``get_message`` reads, so they come in the same order. A closed stream yields nothing here; the
+    next ``get_message`` reports it.
+    """
+    stream = getattr(pubsub, "_receive_stream", None)
+    out: list[Any] = []
+    while stream is not None and len(out) < limit:
+        try:
+            out.append(stream.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            break
+    return out
 
 
 def make_client(url: str) -> coredis.Redis[bytes]:

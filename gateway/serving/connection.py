@@ -176,17 +176,13 @@ class Connection:
             self._lot.unpark_all()
 
     def send_control(self, frame: bytes) -> None:
-        """Queue a reply of ours (``{"type":"pong"}``, sector replies) behind whatever is pending.
+        """Send a reply of ours (``{"type":"pong"}``, sector replies) behind whatever is pending.
 
         Replies count in the same budget as events: a client that asks and never reads is a
         slow consumer like any other.
         """
-        if self.closing:
-            return
-        if not self.outbox.push(frame):
-            self._over_budget()
-            return
-        self._wake_writer()
+        # The same path as an event: written at once to an idle socket, else queued.
+        self.deliver(frame)
 
     def _send_pong(self, payload: bytes) -> None:
         if self.closing:

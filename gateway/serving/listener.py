@@ -20,9 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 import h11
 import trio
-from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as WsProtocol
-from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from gateway.access.admission import Admission, Verdict
@@ -33,6 +31,7 @@ from gateway.core.pending import PendingConnections
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.serving.connection import Connection
+from gateway.serving.handshake import accept_upgrade
 from gateway.serving.http import HttpApp
 from gateway.serving.http_types import Response, text_response
 from gateway.serving.protocol_v2 import SUBPROTOCOL_V2, ProtocolV2, negotiated_version
@@ -312,22 +311,17 @@ class Listener:
         self, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
         client: str, verdict: Verdict,
     ) -> Upgrade | None:
-        ws = WSConnection(ConnectionType.SERVER)
         try:
-            ws.initiate_upgrade_connection(list(request.headers), request.target)
-            first = next(ws.events(), None)
-            if not isinstance(first, Request):
-                raise WsRemoteProtocolError("not a WebSocket request", event_hint=None)
             version = negotiated_version(_header(request.headers, b"sec-websocket-protocol"))
-            accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL_V2 if version == 2 else None))
-        except (WsRemoteProtocolError, h11.RemoteProtocolError, h11.LocalProtocolError):
+            accept, protocol = accept_upgrade(request.method, request.headers,
+                                              subprotocol=SUBPROTOCOL_V2 if version == 2 else None)
+        except WsRemoteProtocolError:
             await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", metrics=self.metrics)
             return None
         await stream.send_all(accept)
         # After the handshake only the frame-level protocol object is needed.
-        assert ws.connection is not None
         return Upgrade(
-            protocol=ws.connection,
+            protocol=protocol,
             endpoint=endpoint,
             target=request.target.decode("latin-1"),
             verdict=verdict,
