@@ -5,10 +5,10 @@ Nursery tree::
     run_gateway (root nursery)
     ├── embedded redis-server child            (only without REDIS_URL, D18)
     └── _serve (services nursery)
+        ├── positioner                         (appends each batch to the store: v2 positions)
         ├── broadcast worker                   (memory channel of Jobs)
         ├── stream consumer                    (XREADGROUP, ack after routing)
         ├── pub/sub reader                     (PSUBSCRIBE)
-        ├── catch-up writer                    (pipelined stream appends)
         ├── revocation batcher                 (one MGET for concurrent handshakes)
         ├── heartbeat sweeper, revalidator
         ├── listener                           (accept loop, own cancel scope)
@@ -133,7 +133,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
                                                  exempt=trusted))
     health = RedisHealth(metrics)
     guards = RedisGuards.build(settings, health, trio.current_time)
-    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events, url=url)
+    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events)
     # Every event is appended before fan-out (its v2 frame carries the entry's id), so the
     # broadcaster appends nothing itself; the store holds the larger of both windows.
     window = max(settings.resume_window, settings.catchup_window)
@@ -152,7 +152,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
     origins = allowed_origins(settings.allowed_origins, settings.port if settings.environment == "development" else None)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
-    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, catchup, url=url)
+    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, url=url)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
                           max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), url=url)
@@ -206,7 +206,6 @@ async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gate
         services.start_soon(gw.broadcaster.worker, to_dispatch)
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(gw.pubsub.run, send.clone())
-        services.start_soon(gw.catchup.writer)
         services.start_soon(gw.revocation.batcher)
         services.start_soon(functools.partial(heartbeat_sweeper, gw.registry, silence=settings.heartbeat_timeout,
                                               interval=settings.heartbeat_sweep_interval))

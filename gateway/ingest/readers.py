@@ -30,7 +30,6 @@ from coredis.exceptions import (
 )
 from coredis.response.types import StreamPendingExt
 
-from gateway.catchup.store import CatchupStore
 from gateway.core.breaker import Backoff
 from gateway.core.streambatch import (
     DeadLetter,
@@ -124,8 +123,6 @@ class StreamConsumer:
     guard: RedisGuard
     settings: StreamSettings
     metrics: Metrics
-    #: Its pending appends ride in each batch's acknowledgement round trip.
-    catchup: CatchupStore
     #: Set once the consumer group exists.
     ready: trio.Event = attrs.Factory(trio.Event)
     _stale_groups: StaleGroups = attrs.Factory(StaleGroups)
@@ -326,8 +323,8 @@ class StreamConsumer:
         self.processed += len(acked)
 
     async def finish(self, acked: list[Any], dead: list[DeadLetter], *, defer: bool = False) -> None:
-        """Acknowledge a routed batch (with its dead letters and the pending catch-up appends) in
-        one round trip; with ``defer``, in the same write as the next XREADGROUP (ahead of it)."""
+        """Acknowledge a routed batch (with its dead letters) in one round trip; with ``defer``, in
+        the same write as the next XREADGROUP (ahead of it)."""
         ids = ack_ids(acked, dead)
         if not ids:
             return
@@ -336,8 +333,6 @@ class StreamConsumer:
         async with contextlib.AsyncExitStack() as stack:
             pipe: Any = commands if conn is not None else await stack.enter_async_context(
                 self.redis.pipeline(transaction=False))
-            # The batch's catch-up appends ride in the same round trip as its acknowledgements.
-            self.catchup.take_into(pipe)
             for letter in dead:
                 xadd_capped(pipe, self.settings.dlq_stream, self._dlq_fields(letter), DLQ_MAXLEN)
             pipe.xack(self.settings.stream, self._group, ids)

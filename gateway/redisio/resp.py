@@ -171,7 +171,7 @@ async def open_connection(url: str, *, connect_timeout: float = 5.0) -> RespConn
 @attrs.define
 class Commands:
     """Commands queued for one :meth:`RespConnection.call`, spelled like coredis' pipeline methods
-    for the few the stream reader queues (``xadd_capped``, ``CatchupStore.take_into``)."""
+    for the few the stream reader queues (``xadd_capped``, ``xack``)."""
 
     queued: list[bytes] = attrs.Factory(list)
 
