@@ -138,7 +138,7 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
     # broadcaster appends nothing itself; the store holds the larger of both windows.
     window = max(settings.resume_window, settings.catchup_window)
     positions = PositionStore(redis, guards.catchup, window, max(settings.resume_max_events, settings.catchup_max_events),
-                              ttl=int(settings.resume_ttl), dedup_ttl=int(window) + 1)
+                              ttl=int(settings.resume_ttl), dedup_ttl=int(window) + 1, url=url)
     positioner = Positioner(positions, Deduper(settings.dedup_window, settings.dedup_ts_tolerance))
     broadcaster = Broadcaster(
         index=registry.index,

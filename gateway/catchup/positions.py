@@ -34,6 +34,7 @@ from gateway.core.positions import (
     parse_stream_id,
     stream_name,
 )
+from gateway.redisio import resp
 from gateway.redisio.client import is_redis_failure
 from gateway.redisio.guards import RedisGuard
 
@@ -133,6 +134,11 @@ class PositionStore:
     dedup_ttl: int
     #: Streams whose appends failed: their next append starts a new epoch.
     gaps: set[tuple[int, int]] = attrs.Factory(set)
+    #: Where appends go on a connection of the store's own (``gateway.redisio.resp``: one append
+    #: round trip per batch on the hot path); None, or a URL that module does not serve (TLS):
+    #: through coredis.
+    url: str | None = None
+    _conn: resp.RespConnection | None = None
 
     async def assign(self, events: Sequence[Event]) -> list[Position | None]:
         """Append ``events`` (once across instances) and return their positions, in order.
@@ -153,6 +159,8 @@ class PositionStore:
                 for start in range(0, len(events), ASSIGN_CHUNK):
                     out += await self._assign_chunk(events[start : start + ASSIGN_CHUNK])
         except Exception as exc:
+            # A call cut short leaves its reply unread on the connection: never reuse it.
+            await self._drop_connection()
             if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
                 raise
             self.guard.failed(exc)
@@ -176,7 +184,7 @@ class PositionStore:
             if reset:
                 resets.append((tenant, branch))
             args += [event.frame_payload, "1" if reset else "0"]
-        reply = await self.redis.eval(_ASSIGN, keys=keys, args=args)
+        reply = await self._eval(_ASSIGN, keys, args)
         self.gaps.difference_update(resets)
         assert isinstance(reply, list)
         out: list[Position | None] = []
@@ -188,6 +196,23 @@ class PositionStore:
                 continue
             out.append(Position(stream_name(event.tenant_id, event.branch_id), sid, make_offset(epoch, sid)))
         return out
+
+    async def _eval(self, script: str, keys: list[str], args: list[str | bytes | int]) -> Any:
+        if self.url is None or not resp.supported(self.url):
+            return await self.redis.eval(script, keys=keys, args=args)
+        if self._conn is None:
+            self._conn = await resp.open_connection(self.url)
+        (reply,) = await self._conn.call(resp.encode("EVAL", script, len(keys), *keys, *args))
+        return reply
+
+    async def close(self) -> None:
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
 
     async def read_after(self, tenant_id: int, branch_id: int, epoch: str, after: StreamId,
                          before: StreamId | None, count: int) -> Page:

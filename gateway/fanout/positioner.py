@@ -31,6 +31,12 @@ class Positioner:
     assigned: int = 0
 
     async def run(self, jobs: trio.MemoryReceiveChannel[Job], out: trio.MemorySendChannel[Job]) -> None:
+        try:
+            await self._run(jobs, out)
+        finally:
+            await self.store.close()
+
+    async def _run(self, jobs: trio.MemoryReceiveChannel[Job], out: trio.MemorySendChannel[Job]) -> None:
         async with out:
             async for first in jobs:
                 batch = [first]
