@@ -264,6 +264,50 @@ async def reconnecting_client(rec: Recorder, port: int, token: str, connected: t
         delay = min(delay * 2, 0.25)
 
 
+def crash_env(redis_url: str, port: int, instance: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway child for the crash tests: a fixed instance id, so the
+    restarted process finds its own consumer group and its pending entries."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "WS_GATEWAY_"))}
+    env.update({
+        "REDIS_URL": redis_url,
+        "WS_GATEWAY_HOST": "127.0.0.1",
+        "WS_GATEWAY_PORT": str(port),
+        "GATEWAY_INSTANCE_ID": instance,
+        "GATEWAY_RECLAIM_IDLE": "0.5",
+        "GATEWAY_RECLAIM_INTERVAL": "0.5",
+        "GATEWAY_STREAM_BLOCK_MS": "100",
+        "ENVIRONMENT": "development",
+        "LOG_LEVEL": "INFO",
+        "LOG_FORMAT": "json",
+        **extra,
+    })
+    return env
+
+
+async def wait_for_group(client: coredis.Redis[bytes], group: str, proc: GatewayProcess) -> None:
+    async def group_exists() -> bool:
+        with contextlib.suppress(coredis.exceptions.ResponseError):
+            return any(g[b"name"] == group.encode() for g in await client.xinfo_groups(STREAM))
+        return False
+
+    await wait_for(group_exists, 20, f"the gateway's consumer group\n{proc.log_tail()}")
+
+
+async def publish_through_a_crash(client: coredis.Redis[bytes], proc: GatewayProcess, *, total: int, rate: float,
+                                  kill_at: int, restart_at: int) -> None:
+    """Publish ``total`` numbered events at ``rate``; SIGKILL the gateway at ``kill_at``, start it
+    again at ``restart_at``."""
+    start = trio.current_time()
+    for seq in range(total):
+        if seq == kill_at:
+            await trio.to_thread.run_sync(proc.kill)
+        elif seq == restart_at:
+            proc.start()
+        await trio.sleep_until(start + seq / rate)
+        payload = encode_envelope(numbered("ROUND_PENDING", seq, table_id=5))
+        await xadd_capped(client, STREAM, {"data": payload}, STREAM_MAXLEN)
+
+
 @pytest.mark.slow
 async def test_gateway_killed_and_restarted_loses_no_event(
     private_redis: Callable[..., RedisProcess], tmp_path: Path
@@ -273,21 +317,7 @@ async def test_gateway_killed_and_restarted_loses_no_event(
     await trio.to_thread.run_sync(redis.start)
     port = free_port()
     settings = Settings.from_env({}, serving=False)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "WS_GATEWAY_"))}
-    env.update({
-        "REDIS_URL": redis.url,
-        "WS_GATEWAY_HOST": "127.0.0.1",
-        "WS_GATEWAY_PORT": str(port),
-        # Fixed, so the restarted process finds its own consumer group and its pending entries.
-        "GATEWAY_INSTANCE_ID": "crash-test",
-        "GATEWAY_CATCHUP_MAX_EVENTS": "2000",
-        "GATEWAY_RECLAIM_IDLE": "0.5",
-        "GATEWAY_RECLAIM_INTERVAL": "0.5",
-        "GATEWAY_STREAM_BLOCK_MS": "100",
-        "ENVIRONMENT": "development",
-        "LOG_LEVEL": "INFO",
-        "LOG_FORMAT": "json",
-    })
+    env = crash_env(redis.url, port, "crash-test", GATEWAY_CATCHUP_MAX_EVENTS="2000")
     proc = GatewayProcess(env, tmp_path / "gateway.log")
     token = staff_token(settings, 1, roles=("ADMIN",), ttl=3600)
     group = f"{settings.group_prefix}:crash-test"
@@ -297,26 +327,13 @@ async def test_gateway_killed_and_restarted_loses_no_event(
         proc.start()
         async with client, trio.open_nursery() as nursery:
 
-            async def group_exists() -> bool:
-                with contextlib.suppress(coredis.exceptions.ResponseError):
-                    return any(g[b"name"] == group.encode() for g in await client.xinfo_groups(STREAM))
-                return False
-
-            await wait_for(group_exists, 20, f"the gateway's consumer group\n{proc.log_tail()}")
+            await wait_for_group(client, group, proc)
             connected = trio.Event()
             nursery.start_soon(reconnecting_client, rec, port, token, connected)
             with trio.fail_after(20):
                 await connected.wait()
-
-            start = trio.current_time()
-            for seq in range(total):
-                if seq == kill_at:
-                    await trio.to_thread.run_sync(proc.kill)
-                elif seq == restart_at:
-                    proc.start()
-                await trio.sleep_until(start + seq / rate)
-                payload = encode_envelope(numbered("ROUND_PENDING", seq, table_id=5))
-                await xadd_capped(client, STREAM, {"data": payload}, STREAM_MAXLEN)
+            await publish_through_a_crash(client, proc, total=total, rate=rate, kill_at=kill_at,
+                                          restart_at=restart_at)
             with trio.move_on_after(30):
                 await rec.complete.wait()
             nursery.cancel_scope.cancel()

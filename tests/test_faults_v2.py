@@ -5,22 +5,25 @@ order, with no de-duplication of its own (D20)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
-import coredis
 import pytest
 import trio
-from test_faults import STREAM, GatewayProcess, _is_disconnect, numbered, private_redis, wait_for
+from test_faults import (
+    GatewayProcess,
+    _is_disconnect,
+    crash_env,
+    private_redis,
+    publish_through_a_crash,
+    wait_for_group,
+)
 from trio_websocket import open_websocket_url
 
-from gateway.core.events import encode_envelope
-from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
+from gateway.redisio.client import make_client
 from gateway.redisio.embedded import RedisProcess
 from gateway.redisio.embedded_config import free_port
 from gateway.settings import Settings
@@ -86,19 +89,7 @@ async def test_v2_client_gets_every_event_once_in_order_across_a_gateway_crash(
     await trio.to_thread.run_sync(redis.start)
     port = free_port()
     settings = Settings.from_env({}, serving=False)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GATEWAY_", "WS_GATEWAY_"))}
-    env.update({
-        "REDIS_URL": redis.url,
-        "WS_GATEWAY_HOST": "127.0.0.1",
-        "WS_GATEWAY_PORT": str(port),
-        "GATEWAY_INSTANCE_ID": "crash-test-v2",
-        "GATEWAY_RECLAIM_IDLE": "0.5",
-        "GATEWAY_RECLAIM_INTERVAL": "0.5",
-        "GATEWAY_STREAM_BLOCK_MS": "100",
-        "ENVIRONMENT": "development",
-        "LOG_LEVEL": "INFO",
-        "LOG_FORMAT": "json",
-    })
+    env = crash_env(redis.url, port, "crash-test-v2")
     proc = GatewayProcess(env, tmp_path / "gateway.log")
     token = staff_token(settings, 1, roles=("ADMIN",), ttl=3600)
     group = f"{settings.group_prefix}:crash-test-v2"
@@ -108,25 +99,13 @@ async def test_v2_client_gets_every_event_once_in_order_across_a_gateway_crash(
         proc.start()
         async with client, trio.open_nursery() as nursery:
 
-            async def group_exists() -> bool:
-                with contextlib.suppress(coredis.exceptions.ResponseError):
-                    return any(g[b"name"] == group.encode() for g in await client.xinfo_groups(STREAM))
-                return False
-
-            await wait_for(group_exists, 20, f"the gateway's consumer group\n{proc.log_tail()}")
+            await wait_for_group(client, group, proc)
             connected = trio.Event()
             nursery.start_soon(v2_client, rec, port, token, connected)
             with trio.fail_after(20):
                 await connected.wait()
-            start = trio.current_time()
-            for seq in range(total):
-                if seq == kill_at:
-                    await trio.to_thread.run_sync(proc.kill)
-                elif seq == restart_at:
-                    proc.start()
-                await trio.sleep_until(start + seq / rate)
-                payload = encode_envelope(numbered("ROUND_PENDING", seq, table_id=5))
-                await xadd_capped(client, STREAM, {"data": payload}, STREAM_MAXLEN)
+            await publish_through_a_crash(client, proc, total=total, rate=rate, kill_at=kill_at,
+                                          restart_at=restart_at)
             with trio.move_on_after(30):
                 await rec.complete.wait()
             await trio.sleep(0.5)  # anything sent twice would arrive now
