@@ -551,6 +551,12 @@ async def test_drain_moves_clients_to_the_other_instance_without_losing_events(
             assert not dupes and not missing, (f"client {n} (instance {instance}, closes {t.closes}, "
                                                f"catch-up {t.client.catchup_events}): "
                                                f"missing {missing}, duplicated {dupes}")
+        for t, _ in clients:
+            # Protocol v2 (the client's default): the move was a resume by position, with no HTTP
+            # catch-up and nothing for the client to de-duplicate (D20).
+            assert t.client.speaking_v2
+            assert t.client.catchup_events == 0 and t.client.duplicates_dropped == 0
+            assert t.seqs == sorted(t.seqs), "in order across the move"
         for t in moving:
             assert t.closes == [1012], t.closes
             assert t.client.opens == 2
