@@ -1,5 +1,6 @@
 // BaseWebSocketClient: a drop-in for the apps' shared/websocket-client.ts, with the fixes of the
-// WebSocket audit. Wire protocol v1 (docs/protocol.md); see docs/client.md for the behaviour.
+// WebSocket audit. Wire protocol v1 by default, v2 on request (docs/protocol.md §10); see
+// docs/client.md for the behaviour.
 import { MAX_RECONNECT_ATTEMPTS, backoffDelay } from './backoff.js';
 import {
   CLOSE_ABNORMAL, CLOSE_HEARTBEAT_TIMEOUT, CLOSE_NORMAL, HEARTBEAT_TIMEOUT_REASON,
@@ -9,9 +10,13 @@ import { RecentKeys, eventKey } from './dedup.js';
 import { Listeners } from './listeners.js';
 import { createThrottle } from './throttle.js';
 import { refreshDelay, sessionIdFromTableToken, tokenExpiry } from './token.js';
+import { PROTOCOL_V2, Positions, SUBPROTOCOL } from './v2.js';
 
 export const PING_FRAME = '{"type":"ping"}';
 export const PROTOCOL_V1 = 'v1';
+export { PROTOCOL_V2, SUBPROTOCOL };
+/** How long a v2 socket waits for `refreshed`/`refresh_failed` before falling back to a soft reconnect. */
+export const REFRESH_REPLY_TIMEOUT_MS = 5000;
 const OPEN = 1;
 
 /** @typedef {import('./index.js').WSEvent} WSEvent */
@@ -43,6 +48,7 @@ export function httpBaseOf(wsUrl) {
  * @property {any[]} pongTimers     one per outstanding ping, oldest first
  * @property {any} healthyTimer
  * @property {any} refreshTimer
+ * @property {boolean} v2           the gateway selected integrador.v2 for this socket
  */
 
 export class BaseWebSocketClient {
@@ -74,6 +80,8 @@ export class BaseWebSocketClient {
   /** @type {Set<(code: number, reason: string) => void>} */ #finalCbs = new Set();
   /** @type {Set<(state: ConnectionState) => void>} */ #stateCbs = new Set();
   /** @type {Set<(ids: number[]) => void>} */ #sectorCbs = new Set();
+  /** @type {Set<(streams: string[]) => void>} */ #recoveryCbs = new Set();
+  /** @type {Positions | null} v2 positions, kept across sockets; null with protocol 'v1' */ #positions = null;
   /** @type {Set<import('./throttle.js').Throttled<any>>} */ #throttles = new Set();
   #seen;
   #onVisible = () => {
@@ -83,6 +91,7 @@ export class BaseWebSocketClient {
   #stats = {
     attempts: 0, opens: 0, liveEvents: 0, catchupEvents: 0, catchupRequests: 0, duplicatesDropped: 0,
     pings: 0, pongs: 0, heartbeatTimeouts: 0, tokenRefreshes: 0, getTokenCalls: 0,
+    v2Opens: 0, resumes: 0, replayed: 0, recoveryFailures: 0, inbandRefreshes: 0, refreshFailures: 0,
     /** @type {{code: number, reason: string, byClient: boolean, opened: boolean} | null} */ lastClose: null,
   };
 
@@ -112,7 +121,11 @@ export class BaseWebSocketClient {
       protocol: options.protocol ?? PROTOCOL_V1,
       random: options.random ?? Math.random,
     };
-    if (this.#o.protocol !== PROTOCOL_V1) throw new Error(`unsupported protocol ${this.#o.protocol}`);
+    if (this.#o.protocol !== PROTOCOL_V1 && this.#o.protocol !== PROTOCOL_V2) {
+      throw new Error(`unsupported protocol ${this.#o.protocol}`);
+    }
+    if (this.#o.protocol === PROTOCOL_V2) this.#positions = new Positions();
+    if (options.onRecoveryFailed) this.#recoveryCbs.add(options.onRecoveryFailed);
     this.#token = options.token ?? null;
     this.#branchId = options.branchId ?? null;
     this.#seen = new RecentKeys({ size: options.dedupMemory });
@@ -160,6 +173,7 @@ export class BaseWebSocketClient {
     this.#finalCbs.clear();
     this.#stateCbs.clear();
     this.#sectorCbs.clear();
+    this.#recoveryCbs.clear();
     globalThis.document?.removeEventListener?.('visibilitychange', this.#onVisible);
     globalThis.removeEventListener?.('online', this.#onOnline);
   }
@@ -247,6 +261,25 @@ export class BaseWebSocketClient {
   onSectorsUpdated(callback) {
     this.#sectorCbs.add(callback);
     return () => this.#sectorCbs.delete(callback);
+  }
+
+  /**
+   * v2: called with the streams a `resume` could not recover (refetch their state over REST).
+   * @param {(streams: string[]) => void} callback
+   */
+  onRecoveryFailed(callback) {
+    this.#recoveryCbs.add(callback);
+    return () => this.#recoveryCbs.delete(callback);
+  }
+
+  /** Whether the current socket speaks protocol v2 (the gateway selected `integrador.v2`). */
+  isV2() {
+    return this.#conn !== null && this.#conn.v2;
+  }
+
+  /** v2: the last offset seen per stream (a copy), what the next socket resumes from; {} with v1. */
+  getPositions() {
+    return this.#positions ? this.#positions.toObject() : {};
   }
 
   isConnected() {
@@ -399,7 +432,7 @@ export class BaseWebSocketClient {
     let ws;
     this.#stats.attempts++;
     try {
-      ws = new this.#o.WebSocket(url);
+      ws = this.#positions ? new this.#o.WebSocket(url, [SUBPROTOCOL]) : new this.#o.WebSocket(url);
     } catch (error) {
       this.#log('error', 'cannot open WebSocket', error);
       this.#failedAttempt(CLOSE_ABNORMAL, 'cannot open');
@@ -408,7 +441,7 @@ export class BaseWebSocketClient {
     /** @type {Conn} */
     const conn = {
       ws, opened: false, healthy: false, catchingUp: false, queue: [],
-      pingTimer: null, pongTimers: [], healthyTimer: null, refreshTimer: null,
+      pingTimer: null, pongTimers: [], healthyTimer: null, refreshTimer: null, v2: false,
     };
     this.#conn = conn;
     this.ws = ws;
@@ -430,12 +463,20 @@ export class BaseWebSocketClient {
     this.#everOpened = true;
     this.#lastOpenAt = Date.now() / 1000;
     this.#setState('connected');
+    conn.v2 = this.#positions !== null && conn.ws.protocol === SUBPROTOCOL;
+    if (conn.v2) {
+      // The first message of every v2 socket: the gateway holds live events until it comes.
+      this.#stats.v2Opens++;
+      this.#stats.resumes++;
+      conn.ws.send(this.#positions.resumeMessage());
+    }
     conn.pingTimer = setInterval(() => this.#sendPing(conn), this.#o.pingInterval);
     // A first ping at once: its pong proves the socket healthy (admitted and served).
     this.#sendPing(conn);
     conn.healthyTimer = setTimeout(() => this.#markHealthy(conn), this.#o.healthyAfter);
-    this.#scheduleRefresh(conn);
-    if (wasReconnect && this.#o.catchup) {
+    // v2 refreshes in-band once `welcome` announces the expiry, and resumes instead of catch-up.
+    if (!conn.v2) this.#scheduleRefresh(conn);
+    if (wasReconnect && this.#o.catchup && !conn.v2) {
       const url = this.getCatchupUrl(since);
       if (url) {
         conn.catchingUp = true;
@@ -509,10 +550,91 @@ export class BaseWebSocketClient {
       this.#handlePong(conn);
       return;
     }
+    if (conn.v2 && this.#handleV2(conn, event)) return;
     this.#markHealthy(conn);
     this.lastEventTimestamp = Date.now() / 1000;
     this.#safe(() => this.onMessage(event));
+    if (conn.v2) {
+      // Each event arrives exactly once on a v2 socket: no de-duplication. Its key is still
+      // remembered, should a later socket fall back to v1 and HTTP catch-up.
+      this.#positions?.track(event);
+      this.#seen.add(eventKey(event));
+      this.#stats.liveEvents++;
+      this.#listeners.dispatch(event, (error) => this.#log('error', 'listener failed', error));
+      return;
+    }
     if (this.notifyListeners(event)) this.#stats.liveEvents++;
+  }
+
+  /**
+   * The v2 replies (welcome, resumed, refreshed, refresh_failed); false for anything else.
+   * @param {Conn} conn @param {any} msg
+   */
+  #handleV2(conn, msg) {
+    switch (msg.type) {
+      case 'welcome':
+      case 'refreshed':
+        this.#markHealthy(conn);
+        if (msg.type === 'refreshed') this.#stats.inbandRefreshes++;
+        this.#scheduleInbandRefresh(conn, msg.exp);
+        return true;
+      case 'refresh_failed':
+        this.#stats.refreshFailures++;
+        this.#log('warn', `in-band refresh refused: ${msg.reason}`);
+        clearTimeout(conn.refreshTimer);
+        conn.refreshTimer = null;
+        // The socket keeps its old expiry: replace it with a fresh one (getToken() again).
+        this.#softReconnect();
+        return true;
+      case 'resumed': {
+        const { failed, replayed } = this.#positions ? this.#positions.resumed(msg.streams) : { failed: [], replayed: 0 };
+        this.#stats.replayed += replayed;
+        if (failed.length) {
+          this.#stats.recoveryFailures++;
+          for (const cb of [...this.#recoveryCbs]) this.#safe(cb, failed);
+        }
+        return true;
+      }
+      default:
+        return false;
+    }
+  }
+
+  /**
+   * Ask getToken() for a new credential shortly before `exp` and send it as `refresh`.
+   * @param {Conn} conn @param {unknown} exp Unix seconds, or null
+   */
+  #scheduleInbandRefresh(conn, exp) {
+    clearTimeout(conn.refreshTimer);
+    conn.refreshTimer = null;
+    if (!this.#o.getToken || typeof exp !== 'number' || !Number.isFinite(exp)) return;
+    const delay = refreshDelay(exp, Date.now(), { lead: this.#o.refreshLead });
+    conn.refreshTimer = setTimeout(() => this.#refreshInband(conn), delay);
+  }
+
+  /** @param {Conn} conn */
+  async #refreshInband(conn) {
+    if (this.#conn !== conn) return;
+    conn.refreshTimer = null;
+    this.#stats.tokenRefreshes++;
+    this.#stats.getTokenCalls++;
+    let token = null;
+    try {
+      token = await this.#o.getToken();
+    } catch (error) {
+      this.#log('warn', 'getToken failed', error);
+    }
+    if (this.#conn !== conn || conn.ws.readyState !== OPEN) return;
+    if (!token) {
+      this.#softReconnect();
+      return;
+    }
+    this.#token = token;
+    conn.ws.send(JSON.stringify({ type: 'refresh', token }));
+    // No answer in time: fall back to a soft reconnect before the old expiry closes the socket.
+    conn.refreshTimer = setTimeout(() => {
+      if (this.#conn === conn) this.#softReconnect();
+    }, REFRESH_REPLY_TIMEOUT_MS);
   }
 
   /** @param {Conn} conn */

@@ -1,4 +1,4 @@
-// Types of @integrador/ws-client (protocol v1). Hand-written; the source is src/*.js.
+// Types of @integrador/ws-client (protocol v1; v2 with `protocol: 'v2'`). Hand-written; the source is src/*.js.
 
 /** An event frame: the envelope as the backend published it (docs/protocol.md §3). */
 export interface WSEvent {
@@ -12,8 +12,15 @@ export interface WSEvent {
   actor?: { user_id?: number; role?: string; [key: string]: unknown } | null;
   ts?: string;
   v?: number;
+  /** Protocol v2 only: the event's position in its stream (docs/protocol.md §10). */
+  _pos?: StreamPosition;
   [key: string]: unknown;
 }
+
+/** Protocol v2: `stream` is "<tenant>:<branch>" (branch 0: tenant-wide); `offset` is opaque. */
+export interface StreamPosition { stream: string; offset: string }
+/** Protocol v2: called with the streams a `resume` could not recover (refetch their state). */
+export type RecoveryFailedCallback = (streams: string[]) => void;
 
 export type EventCallback = (event: WSEvent) => void;
 export type ConnectionCallback = (isConnected: boolean) => void;
@@ -62,8 +69,15 @@ export interface BaseWSClientOptions {
   refreshLead?: number;
   /** Recent event keys kept for de-duplication (2048). */
   dedupMemory?: number;
-  /** Wire protocol; only 'v1' exists today. */
-  protocol?: 'v1';
+  /**
+   * Wire protocol: 'v1' (default, byte for byte what the apps speak today) or 'v2': offer
+   * `integrador.v2`; when the gateway selects it, resume from the last position per stream
+   * instead of catch-up and de-dup, and refresh `getToken()` in-band before `exp`.
+   * A gateway that does not select it is spoken to as v1.
+   */
+  protocol?: 'v1' | 'v2';
+  /** Protocol v2: streams a `resume` could not recover (also onRecoveryFailed()). */
+  onRecoveryFailed?: RecoveryFailedCallback;
   /** Injection points (tests, non-browser hosts). */
   WebSocket?: typeof WebSocket;
   fetch?: typeof fetch;
@@ -86,6 +100,14 @@ export interface ClientStats {
   heartbeatTimeouts: number;
   tokenRefreshes: number;
   getTokenCalls: number;
+  /** Protocol v2: sockets the gateway opened as v2, `resume` messages sent, events replayed,
+   * resumes with a stream not recovered, in-band refreshes accepted and refused. */
+  v2Opens: number;
+  resumes: number;
+  replayed: number;
+  recoveryFailures: number;
+  inbandRefreshes: number;
+  refreshFailures: number;
   lastClose: { code: number; reason: string; byClient: boolean; opened: boolean } | null;
   state: ConnectionState;
   reconnectAttempts: number;
@@ -97,6 +119,9 @@ export interface ClientStats {
 
 export declare const PING_FRAME: '{"type":"ping"}';
 export declare const PROTOCOL_V1: 'v1';
+export declare const PROTOCOL_V2: 'v2';
+export declare const SUBPROTOCOL: 'integrador.v2';
+export declare const REFRESH_REPLY_TIMEOUT_MS: number;
 export declare function httpBaseOf(wsUrl: string): string;
 
 export declare class BaseWebSocketClient {
@@ -124,6 +149,12 @@ export declare class BaseWebSocketClient {
   onFinalClose(callback: FinalCloseCallback): () => void;
   onStateChange(callback: (state: ConnectionState) => void): () => void;
   onSectorsUpdated(callback: (sectorIds: number[]) => void): () => void;
+  /** Protocol v2: streams a `resume` could not recover. */
+  onRecoveryFailed(callback: RecoveryFailedCallback): () => void;
+  /** Whether the current socket speaks protocol v2. */
+  isV2(): boolean;
+  /** Protocol v2: the last offset per stream, what the next socket resumes from ({} with v1). */
+  getPositions(): Record<string, string>;
   isConnected(): boolean;
   getState(): ConnectionState;
   getFinalClose(): { code: number; reason: string } | null;
@@ -169,6 +200,16 @@ export declare function backoffDelay(attempt: number, options?: BackoffOptions):
 export declare const FINAL_CLOSE_CODES: readonly number[];
 export declare function isFinalClose(code: number): boolean;
 export declare function closeDecision(code: number, context?: { intentional?: boolean }): 'stop' | 'final' | 'reconnect';
+
+export declare function positionOf(event: unknown): StreamPosition | null;
+export declare class Positions {
+  track(event: unknown): boolean;
+  toObject(): Record<string, string>;
+  readonly size: number;
+  resumeMessage(): string;
+  resumed(streams: unknown): { failed: string[]; replayed: number };
+  clear(): void;
+}
 
 export interface Throttled<T> { offer(value: T): void; flush(): void; cancel(): void; pending(): boolean }
 export declare function createThrottle<T>(

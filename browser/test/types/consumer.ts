@@ -76,3 +76,13 @@ const session: number | null = diner.getSessionId();
 new KitchenClient({ token: 'jwt' }).setBranchId(2);
 new AdminClient().stats.duplicatesDropped.toFixed();
 console.log(connected, session);
+
+// Protocol v2: the option, the recovery callback and the positions.
+const v2 = new WaiterClient({
+  protocol: 'v2', getToken: async () => 'jwt', onRecoveryFailed: (streams: string[]) => streams.length,
+});
+v2.onRecoveryFailed((streams) => streams.join(','));
+const positions: Record<string, string> = v2.getPositions();
+const speaking: boolean = v2.isV2();
+const posOf = (e: WSEvent): string | undefined => e._pos?.offset;
+void positions; void speaking; void posOf;

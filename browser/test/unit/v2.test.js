@@ -1,0 +1,171 @@
+// Protocol v2's pure part (positions per stream, resume, resumed) and the client's v2 decisions
+// with a scripted WebSocket: subprotocol offered, resume first, no catch-up, in-band refresh.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BaseWebSocketClient, Positions, SUBPROTOCOL, positionOf } from '../../src/index.js';
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const ev = (id, stream, offset) => ({ type: 'ROUND_PENDING', entity: { id }, _pos: { stream, offset } });
+
+test('positionOf reads _pos; anything malformed is no position', () => {
+  assert.deepEqual(positionOf(ev(1, '1:2', '7:1-0')), { stream: '1:2', offset: '7:1-0' });
+  for (const bad of [null, 'x', {}, { _pos: null }, { _pos: [] }, { _pos: { stream: '1:2' } },
+    { _pos: { stream: 1, offset: 'a' } }, { _pos: { stream: '1:2', offset: 5 } }]) {
+    assert.equal(positionOf(bad), null, JSON.stringify(bad));
+  }
+});
+
+test('Positions keeps the last offset per stream and builds resume (empty at first)', () => {
+  const p = new Positions();
+  assert.equal(p.resumeMessage(), '{"type":"resume","positions":{}}');
+  assert.equal(p.track(ev(1, '1:2', 'e:1-0')), true);
+  assert.equal(p.track(ev(2, '1:0', 'e:2-0')), true);
+  assert.equal(p.track(ev(3, '1:2', 'e:3-0')), true);
+  assert.equal(p.track({ type: 'X' }), false);
+  // Offsets are opaque: the last one seen wins, never compared.
+  assert.equal(p.track(ev(4, '1:0', 'a:0-0')), true);
+  assert.deepEqual(p.toObject(), { '1:2': 'e:3-0', '1:0': 'a:0-0' });
+  assert.equal(p.size, 2);
+  assert.deepEqual(JSON.parse(p.resumeMessage()), { type: 'resume', positions: { '1:2': 'e:3-0', '1:0': 'a:0-0' } });
+  const copy = p.toObject();
+  copy['1:2'] = 'changed';
+  assert.equal(p.toObject()['1:2'], 'e:3-0');
+});
+
+test('Positions.resumed: failed streams are reported and forgotten, replayed counted', () => {
+  const p = new Positions();
+  p.track(ev(1, '1:2', 'e:1-0'));
+  p.track(ev(2, '1:3', 'e:2-0'));
+  p.track(ev(3, '1:0', 'e:3-0'));
+  const r = p.resumed({ '1:2': { recovered: true, replayed: 4 }, '1:3': { recovered: false, replayed: 0 }, '1:0': 'junk' });
+  assert.deepEqual(r, { failed: ['1:3', '1:0'], replayed: 4 });
+  assert.deepEqual(p.toObject(), { '1:2': 'e:1-0' });
+  assert.deepEqual(p.resumed(null), { failed: [], replayed: 0 });
+  assert.deepEqual(p.resumed([]), { failed: [], replayed: 0 });
+});
+
+function fakeSocketClass({ selected = SUBPROTOCOL } = {}) {
+  const sockets = [];
+  class FakeWebSocket {
+    static OPEN = 1;
+    readyState = 0;
+    sent = [];
+    protocol = '';
+    constructor(url, protocols) {
+      this.url = url;
+      this.protocols = protocols;
+      sockets.push(this);
+      queueMicrotask(() => {
+        this.readyState = 1;
+        this.protocol = protocols?.includes(selected) ? selected : '';
+        this.onopen?.();
+      });
+    }
+    receive(msg) { this.onmessage?.({ data: typeof msg === 'string' ? msg : JSON.stringify(msg) }); }
+    serverClose(code, reason = '') { this.readyState = 3; this.onclose?.({ code, reason }); }
+    send(data) { this.sent.push(data); }
+    close(code, reason) { this.readyState = 3; this.closedWith = [code, reason]; }
+  }
+  return { FakeWebSocket, sockets };
+}
+
+const options = (WebSocket, extra = {}) => ({
+  url: 'ws://gw', endpoint: 'waiter', token: 'tok', WebSocket, logger: null, baseDelay: 1, maxDelay: 2,
+  jitter: 0, branchId: 2, ...extra,
+});
+
+test('protocol v1 (default) offers no subprotocol; an unknown protocol is refused', async () => {
+  const { FakeWebSocket, sockets } = fakeSocketClass();
+  const client = new BaseWebSocketClient(options(FakeWebSocket));
+  await client.connect();
+  await sleep(5);
+  assert.equal(sockets[0].protocols, undefined);
+  assert.equal(client.isV2(), false);
+  assert.deepEqual(sockets[0].sent, ['{"type":"ping"}']);
+  client.destroy();
+  assert.throws(() => new BaseWebSocketClient(options(FakeWebSocket, { protocol: 'v3' })), /unsupported protocol/);
+});
+
+test('v2: resume first on every socket, positions kept, no catch-up, no de-dup, onRecoveryFailed', async () => {
+  const { FakeWebSocket, sockets } = fakeSocketClass();
+  const fetched = [];
+  const failed = [];
+  const client = new BaseWebSocketClient(options(FakeWebSocket, {
+    protocol: 'v2', fetch: async (url) => { fetched.push(url); return { status: 200, json: async () => ({ events: [] }) }; },
+    onRecoveryFailed: (s) => failed.push(['option', s]),
+  }));
+  client.onRecoveryFailed((s) => failed.push(['method', s]));
+  const got = [];
+  client.on('*', (e) => got.push(e.entity.id));
+  await client.connect();
+  await sleep(5);
+  const [first] = sockets;
+  assert.deepEqual(first.protocols, [SUBPROTOCOL]);
+  assert.equal(client.isV2(), true);
+  assert.deepEqual(first.sent, ['{"type":"resume","positions":{}}', '{"type":"ping"}']);
+  first.receive({ type: 'welcome', protocol: 2, exp: null });
+  first.receive({ type: 'resumed', streams: {} });
+  first.receive(ev('a', '1:2', 'x:1'));
+  first.receive(ev('a', '1:2', 'x:2')); // same body, another position: v2 does not de-duplicate
+  first.receive(ev('b', '1:0', 'x:3'));
+  assert.deepEqual(got, ['a', 'a', 'b']);
+  assert.deepEqual(client.getPositions(), { '1:2': 'x:2', '1:0': 'x:3' });
+  first.serverClose(1012, 'Server restart');
+  await sleep(30);
+  const second = sockets[1];
+  assert.ok(second, 'reconnected');
+  assert.deepEqual(JSON.parse(second.sent[0]), { type: 'resume', positions: { '1:2': 'x:2', '1:0': 'x:3' } });
+  second.receive({ type: 'resumed', streams: { '1:2': { recovered: true, replayed: 1 }, '1:0': { recovered: false, replayed: 0 } } });
+  assert.deepEqual(failed, [['option', ['1:0']], ['method', ['1:0']]]);
+  assert.deepEqual(client.getPositions(), { '1:2': 'x:2' });
+  await sleep(10);
+  assert.deepEqual(fetched, [], 'no HTTP catch-up on a v2 socket');
+  const s = client.stats;
+  assert.deepEqual([s.v2Opens, s.resumes, s.replayed, s.recoveryFailures, s.duplicatesDropped, s.catchupRequests], [2, 2, 1, 1, 0, 0]);
+  client.destroy();
+});
+
+test('v2 offered but not selected: exactly v1 (no resume, catch-up after a reconnect)', async () => {
+  const { FakeWebSocket, sockets } = fakeSocketClass({ selected: 'none' });
+  const fetched = [];
+  const client = new BaseWebSocketClient(options(FakeWebSocket, {
+    protocol: 'v2', fetch: async (url) => { fetched.push(url); return { status: 200, json: async () => ({ events: [] }) }; },
+  }));
+  await client.connect();
+  await sleep(5);
+  assert.equal(client.isV2(), false);
+  assert.deepEqual(sockets[0].sent, ['{"type":"ping"}']);
+  sockets[0].serverClose(1012);
+  await sleep(30);
+  assert.deepEqual(sockets[1].sent, ['{"type":"ping"}']);
+  assert.equal(fetched.length, 1);
+  client.destroy();
+});
+
+test('v2 in-band refresh before exp with getToken; refresh_failed falls back to a soft reconnect', async () => {
+  const { FakeWebSocket, sockets } = fakeSocketClass();
+  let calls = 0;
+  const client = new BaseWebSocketClient(options(FakeWebSocket, {
+    protocol: 'v2', token: undefined, getToken: async () => `t${++calls}`,
+  }));
+  await client.connect();
+  await sleep(5);
+  const [first] = sockets;
+  assert.equal(calls, 1);
+  // exp 1.2 s away: refreshed at the 1 s minimum delay, in-band.
+  first.receive({ type: 'welcome', protocol: 2, exp: Date.now() / 1000 + 1.2 });
+  await sleep(1100);
+  assert.equal(calls, 2);
+  assert.deepEqual(JSON.parse(first.sent.at(-1)), { type: 'refresh', token: 't2' });
+  assert.equal(sockets.length, 1);
+  first.receive({ type: 'refreshed', exp: Date.now() / 1000 + 3600 });
+  assert.equal(client.stats.inbandRefreshes, 1);
+  // A refused refresh: a new socket with a fresh getToken().
+  first.receive({ type: 'refresh_failed', reason: 'revoked' });
+  await sleep(20);
+  assert.deepEqual(first.closedWith, [1000, 'Soft disconnect']);
+  assert.equal(sockets.length, 2);
+  assert.ok(sockets[1].url.endsWith('token=t3'));
+  assert.equal(client.stats.refreshFailures, 1);
+  client.destroy();
+});
