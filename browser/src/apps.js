@@ -6,7 +6,7 @@ import { sessionIdFromTableToken } from './token.js';
 export class WaiterClient extends BaseWebSocketClient {
   /** @param {import('./index.js').StaffClientOptions} [options] */
   constructor(options = {}) {
-    super({ ...options, endpoint: 'waiter' });
+    super({ protocol: 'v2', ...options, endpoint: 'waiter' });
   }
 
   /** Ask the gateway to re-read this waiter's sectors; the reply goes to onSectorsUpdated(). */
@@ -21,7 +21,7 @@ export class WaiterClient extends BaseWebSocketClient {
 export class KitchenClient extends BaseWebSocketClient {
   /** @param {import('./index.js').StaffClientOptions} [options] */
   constructor(options = {}) {
-    super({ ...options, endpoint: 'kitchen' });
+    super({ protocol: 'v2', ...options, endpoint: 'kitchen' });
   }
 }
 
@@ -29,7 +29,7 @@ export class KitchenClient extends BaseWebSocketClient {
 export class AdminClient extends BaseWebSocketClient {
   /** @param {import('./index.js').StaffClientOptions} [options] */
   constructor(options = {}) {
-    super({ ...options, endpoint: 'admin' });
+    super({ protocol: 'v2', ...options, endpoint: 'admin' });
   }
 }
 
@@ -41,7 +41,7 @@ export class AdminClient extends BaseWebSocketClient {
 export class DinerClient extends BaseWebSocketClient {
   /** @param {import('./index.js').DinerClientOptions} [options] */
   constructor(options = {}) {
-    super({ ...options, endpoint: 'diner' });
+    super({ protocol: 'v2', ...options, endpoint: 'diner' });
     this.tableToken = options.token ?? null;
   }
 

@@ -73,7 +73,8 @@ export interface BaseWSClientOptions {
    * Wire protocol: 'v1' (default, byte for byte what the apps speak today) or 'v2': offer
    * `integrador.v2`; when the gateway selects it, resume from the last position per stream
    * instead of catch-up and de-dup, and refresh `getToken()` in-band before `exp`.
-   * A gateway that does not select it is spoken to as v1.
+   * A gateway that does not select it is spoken to as v1. Default: 'v2' for the ready-made
+   * WaiterClient, KitchenClient, AdminClient and DinerClient; 'v1' for BaseWebSocketClient.
    */
   protocol?: 'v1' | 'v2';
   /** Protocol v2: streams a `resume` could not recover (also onRecoveryFailed()). */

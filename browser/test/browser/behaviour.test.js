@@ -52,7 +52,7 @@ test('4029 (flood) is final too', async () => {
 test('diner with a legacy table token: catch-up after a reconnect, no duplicates, order kept', async () => {
   const token = await mint(env.gw, { kind: 'legacy', branch: 2, table: 7, session: 33, ttl: 3600 });
   assert.ok(!token.includes('.'));
-  await page.evaluate(({ ws, token }) => track('diner', new lib.DinerClient({ url: ws, token, baseDelay: 3000, jitter: 0 })).connect(),
+  await page.evaluate(({ ws, token }) => track('diner', new lib.DinerClient({ url: ws, token, baseDelay: 3000, jitter: 0, protocol: 'v1' })).connect(),
     { ws: env.gw.ws, token });
   await waitFor(() => page.evaluate(() => clients.diner.stats.pongs >= 1), { message: 'admitted' });
   assert.equal(await page.evaluate(() => clients.diner.getSessionId()), 33);

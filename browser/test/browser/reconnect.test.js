@@ -52,7 +52,7 @@ test('heartbeat: {"type":"ping"} every interval, one timer per ping, 4000 when p
 test('drain (SIGTERM, 1012) and restart: reconnect, catch-up, nothing lost, nothing twice', async () => {
   const token = await mint(env.gw, { kind: 'staff', user: 22, roles: ['WAITER'], branches: [2], ttl: 3600 });
   await page.evaluate(({ ws, token }) => {
-    const c = track('drain', new lib.WaiterClient({ url: ws, token }));
+    const c = track('drain', new lib.WaiterClient({ url: ws, token, protocol: 'v1' }));  // v1: HTTP catch-up
     c.setBranchId(2);
     c.connect();
   }, { ws: env.gw.ws, token });
