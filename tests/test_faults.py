@@ -308,6 +308,25 @@ async def publish_through_a_crash(client: coredis.Redis[bytes], proc: GatewayPro
         await xadd_capped(client, STREAM, {"data": payload}, STREAM_MAXLEN)
 
 
+async def run_through_a_crash(client: coredis.Redis[bytes], proc: GatewayProcess, group: str,
+                              run_client: Callable[[trio.Event], Awaitable[None]], complete: trio.Event, *,
+                              total: int, rate: float, kill_at: int, restart_at: int, settle: float = 0.0) -> None:
+    """The crash scenario: wait for the gateway's group, start the client (it sets the event once
+    connected), publish through a SIGKILL and a restart, and wait (bounded) until the client has
+    everything; ``settle`` more seconds let anything sent twice arrive."""
+    async with client, trio.open_nursery() as nursery:
+        await wait_for_group(client, group, proc)
+        connected = trio.Event()
+        nursery.start_soon(run_client, connected)
+        with trio.fail_after(20):
+            await connected.wait()
+        await publish_through_a_crash(client, proc, total=total, rate=rate, kill_at=kill_at, restart_at=restart_at)
+        with trio.move_on_after(30):
+            await complete.wait()
+        await trio.sleep(settle)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_gateway_killed_and_restarted_loses_no_event(
     private_redis: Callable[..., RedisProcess], tmp_path: Path
@@ -325,18 +344,8 @@ async def test_gateway_killed_and_restarted_loses_no_event(
     client = make_client(redis.url)
     try:
         proc.start()
-        async with client, trio.open_nursery() as nursery:
-
-            await wait_for_group(client, group, proc)
-            connected = trio.Event()
-            nursery.start_soon(reconnecting_client, rec, port, token, connected)
-            with trio.fail_after(20):
-                await connected.wait()
-            await publish_through_a_crash(client, proc, total=total, rate=rate, kill_at=kill_at,
-                                          restart_at=restart_at)
-            with trio.move_on_after(30):
-                await rec.complete.wait()
-            nursery.cancel_scope.cancel()
+        await run_through_a_crash(client, proc, group, functools.partial(reconnecting_client, rec, port, token),
+                                  rec.complete, total=total, rate=rate, kill_at=kill_at, restart_at=restart_at)
 
         client = make_client(redis.url)
         async with client:

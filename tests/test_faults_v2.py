@@ -5,6 +5,7 @@ order, with no de-duplication of its own (D20)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,7 @@ from test_faults import (
     _is_disconnect,
     crash_env,
     private_redis,
-    publish_through_a_crash,
-    wait_for_group,
+    run_through_a_crash,
 )
 from trio_websocket import open_websocket_url
 
@@ -97,19 +97,8 @@ async def test_v2_client_gets_every_event_once_in_order_across_a_gateway_crash(
     client = make_client(redis.url)
     try:
         proc.start()
-        async with client, trio.open_nursery() as nursery:
-
-            await wait_for_group(client, group, proc)
-            connected = trio.Event()
-            nursery.start_soon(v2_client, rec, port, token, connected)
-            with trio.fail_after(20):
-                await connected.wait()
-            await publish_through_a_crash(client, proc, total=total, rate=rate, kill_at=kill_at,
-                                          restart_at=restart_at)
-            with trio.move_on_after(30):
-                await rec.complete.wait()
-            await trio.sleep(0.5)  # anything sent twice would arrive now
-            nursery.cancel_scope.cancel()
+        await run_through_a_crash(client, proc, group, functools.partial(v2_client, rec, port, token), rec.complete,
+                                  total=total, rate=rate, kill_at=kill_at, restart_at=restart_at, settle=0.5)
     finally:
         proc.stop()
 
