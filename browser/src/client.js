@@ -342,6 +342,14 @@ export class BaseWebSocketClient {
   }
 
   /** Counters, for dashboards and tests. */
+  /**
+   * The credential this socket connected or was refreshed with; the next socket uses it too.
+   * A method, not a `token` property: existing subclasses declare a private `token` of their own.
+   */
+  getActiveToken() {
+    return this.#token;
+  }
+
   get stats() {
     return {
       ...this.#stats,

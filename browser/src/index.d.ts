@@ -175,6 +175,8 @@ export declare class BaseWebSocketClient {
   getState(): ConnectionState;
   getFinalClose(): { code: number; reason: string } | null;
   ping(): boolean;
+  /** The credential in use; a token refused in-band (refresh_failed) never becomes it. */
+  getActiveToken(): string | null;
   readonly stats: ClientStats;
 
   protected getUrl(): string;
@@ -199,7 +201,7 @@ export declare class AdminClient extends BaseWebSocketClient {
 }
 export declare class DinerClient extends BaseWebSocketClient {
   constructor(options?: DinerClientOptions);
-  tableToken: string | null;
+  readonly tableToken: string | null;
   getSessionId(): number | null;
 }
 export declare function endpointForRoles(roles: readonly string[]): 'admin' | 'kitchen';

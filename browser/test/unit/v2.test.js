@@ -2,7 +2,7 @@
 // with a scripted WebSocket: subprotocol offered, resume first, no catch-up, in-band refresh.
 import assert from 'node:assert/strict';
 import { mock, test } from 'node:test';
-import { BaseWebSocketClient, Positions, SUBPROTOCOL, positionOf } from '../../src/index.js';
+import { BaseWebSocketClient, DinerClient, Positions, SUBPROTOCOL, positionOf } from '../../src/index.js';
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** Let promise callbacks and the scripted socket's microtasks run (setImmediate is never mocked). */
@@ -282,4 +282,24 @@ test('updateToken() without a token on v2 asks getToken(); none is a refusal tha
   assert.equal(sockets.length, 1);
   assert.equal(sockets[0].closedWith, undefined);
   client.destroy();
+});
+
+test('DinerClient.tableToken is the token in use: a refused in-band refresh never becomes it', async () => {
+  const { FakeWebSocket, sockets } = fakeSocketClass();
+  const diner = new DinerClient(options(FakeWebSocket, { endpoint: undefined, token: 'table-old' }));
+  await diner.connect();
+  await sleep(5);
+  const [socket] = sockets;
+  socket.receive({ type: 'welcome', protocol: 2, exp: Date.now() / 1000 + 3600 });
+  socket.receive({ type: 'resumed', streams: {} });
+  diner.updateToken('table-bad');
+  await sleep(5);
+  socket.receive({ type: 'refresh_failed', reason: 'other_principal' });
+  assert.equal(diner.tableToken, 'table-old');
+  diner.updateToken('table-new');
+  await sleep(5);
+  socket.receive({ type: 'refreshed', exp: Date.now() / 1000 + 7200 });
+  assert.equal(diner.tableToken, 'table-new');
+  assert.equal(diner.getActiveToken(), 'table-new');
+  diner.destroy();
 });
