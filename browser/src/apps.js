@@ -42,13 +42,11 @@ export class DinerClient extends BaseWebSocketClient {
   /** @param {import('./index.js').DinerClientOptions} [options] */
   constructor(options = {}) {
     super({ protocol: 'v2', ...options, endpoint: 'diner' });
-    this.tableToken = options.token ?? null;
   }
 
-  /** @param {string} [token] */
-  updateToken(token) {
-    if (token !== undefined) this.tableToken = token;
-    super.updateToken(token);
+  /** The table token in use: a token refused in-band (refresh_failed) never becomes it. */
+  get tableToken() {
+    return this.getActiveToken();
   }
 
   /** The table session of the current token, for catch-up. */

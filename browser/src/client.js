@@ -17,6 +17,13 @@ export const PROTOCOL_V1 = 'v1';
 export { PROTOCOL_V2, SUBPROTOCOL };
 /** How long a v2 socket waits for `refreshed`/`refresh_failed` before falling back to a soft reconnect. */
 export const REFRESH_REPLY_TIMEOUT_MS = 5000;
+/**
+ * A refused automatic refresh is tried again in-band after REFRESH_RETRY_DELAY_MS while more than
+ * REFRESH_RETRY_FLOOR_MS is left before `exp`; closer to it, a soft reconnect with a fresh
+ * getToken() replaces the socket (v2 resumes it) before the old expiry closes it 4001.
+ */
+const REFRESH_RETRY_DELAY_MS = 5000;
+const REFRESH_RETRY_FLOOR_MS = 10000;
 const OPEN = 1;
 
 /** @typedef {import('./index.js').WSEvent} WSEvent */
@@ -49,6 +56,16 @@ export function httpBaseOf(wsUrl) {
  * @property {any} healthyTimer
  * @property {any} refreshTimer
  * @property {boolean} v2           the gateway selected integrador.v2 for this socket
+ * @property {boolean} welcomed     v2: `welcome` came (the socket is admitted)
+ * @property {number | null} exp    v2: the expiry the gateway announced last (Unix seconds)
+ * @property {PendingRefresh[]} refreshes  v2: `refresh` messages sent, unanswered, oldest first
+ */
+
+/**
+ * @typedef {object} PendingRefresh
+ * @property {string} token
+ * @property {boolean} auto         the automatic refresh before `exp`, not updateToken()'s
+ * @property {any} timer            no answer in time: soft reconnect
  */
 
 export class BaseWebSocketClient {
@@ -81,6 +98,7 @@ export class BaseWebSocketClient {
   /** @type {Set<(state: ConnectionState) => void>} */ #stateCbs = new Set();
   /** @type {Set<(ids: number[]) => void>} */ #sectorCbs = new Set();
   /** @type {Set<(streams: string[]) => void>} */ #recoveryCbs = new Set();
+  /** @type {Set<(reason: string) => void>} */ #refreshFailedCbs = new Set();
   /** @type {Positions | null} v2 positions, kept across sockets; null with protocol 'v1' */ #positions = null;
   /** @type {Set<import('./throttle.js').Throttled<any>>} */ #throttles = new Set();
   #seen;
@@ -126,6 +144,7 @@ export class BaseWebSocketClient {
     }
     if (this.#o.protocol === PROTOCOL_V2) this.#positions = new Positions();
     if (options.onRecoveryFailed) this.#recoveryCbs.add(options.onRecoveryFailed);
+    if (options.onRefreshFailed) this.#refreshFailedCbs.add(options.onRefreshFailed);
     this.#token = options.token ?? null;
     this.#branchId = options.branchId ?? null;
     this.#seen = new RecentKeys({ size: options.dedupMemory });
@@ -174,21 +193,30 @@ export class BaseWebSocketClient {
     this.#stateCbs.clear();
     this.#sectorCbs.clear();
     this.#recoveryCbs.clear();
+    this.#refreshFailedCbs.clear();
     globalThis.document?.removeEventListener?.('visibilitychange', this.#onVisible);
     globalThis.removeEventListener?.('online', this.#onOnline);
   }
 
   /**
-   * Use a new credential now: soft reconnect, without backoff, keeping listeners and de-dup memory.
-   * With `getToken` configured, the token is fetched again instead.
+   * Use a new credential now, keeping listeners, positions and de-dup memory. On an admitted v2
+   * socket it is sent in-band (`refresh`) and the socket stays open; a refusal leaves it running
+   * with its old credential and expiry and goes to onRefreshFailed(reason). Otherwise (v1, or no
+   * admitted socket yet) it is a soft reconnect without backoff. Without a token, `getToken()` is
+   * asked for one (v2), or the next socket calls it (v1).
    * @param {string} [token]
    */
   updateToken(token) {
+    const conn = this.#conn;
+    if (conn && conn.v2 && conn.welcomed && conn.ws.readyState === OPEN) {
+      this.#updateInband(conn, token).catch((error) => this.#log('error', 'in-band refresh failed', error));
+      return;
+    }
     if (token !== undefined) this.#token = token;
     if (this.#conn || this.#reconnectTimer !== null) this.#softReconnect();
   }
 
-  /** Same as updateToken() without a token: reconnect now with a fresh getToken() result. */
+  /** Same as updateToken() without a token: a fresh getToken() result, in-band on a v2 socket. */
   refreshToken() {
     this.updateToken();
   }
@@ -272,6 +300,16 @@ export class BaseWebSocketClient {
     return () => this.#recoveryCbs.delete(callback);
   }
 
+  /**
+   * v2: called with the gateway's reason each time it refuses an in-band refresh (updateToken()'s
+   * or the automatic one before `exp`). The socket stays open with its old expiry.
+   * @param {(reason: string) => void} callback
+   */
+  onRefreshFailed(callback) {
+    this.#refreshFailedCbs.add(callback);
+    return () => this.#refreshFailedCbs.delete(callback);
+  }
+
   /** Whether the current socket speaks protocol v2 (the gateway selected `integrador.v2`). */
   isV2() {
     return this.#conn !== null && this.#conn.v2;
@@ -304,6 +342,14 @@ export class BaseWebSocketClient {
   }
 
   /** Counters, for dashboards and tests. */
+  /**
+   * The credential this socket connected or was refreshed with; the next socket uses it too.
+   * A method, not a `token` property: existing subclasses declare a private `token` of their own.
+   */
+  getActiveToken() {
+    return this.#token;
+  }
+
   get stats() {
     return {
       ...this.#stats,
@@ -442,6 +488,7 @@ export class BaseWebSocketClient {
     const conn = {
       ws, opened: false, healthy: false, catchingUp: false, queue: [],
       pingTimer: null, pongTimers: [], healthyTimer: null, refreshTimer: null, v2: false,
+      welcomed: false, exp: null, refreshes: [],
     };
     this.#conn = conn;
     this.ws = ws;
@@ -573,19 +620,30 @@ export class BaseWebSocketClient {
   #handleV2(conn, msg) {
     switch (msg.type) {
       case 'welcome':
-      case 'refreshed':
         this.#markHealthy(conn);
-        if (msg.type === 'refreshed') this.#stats.inbandRefreshes++;
+        conn.welcomed = true;
         this.#scheduleInbandRefresh(conn, msg.exp);
         return true;
-      case 'refresh_failed':
-        this.#stats.refreshFailures++;
-        this.#log('warn', `in-band refresh refused: ${msg.reason}`);
-        clearTimeout(conn.refreshTimer);
-        conn.refreshTimer = null;
-        // The socket keeps its old expiry: replace it with a fresh one (getToken() again).
-        this.#softReconnect();
+      case 'refreshed': {
+        this.#markHealthy(conn);
+        this.#stats.inbandRefreshes++;
+        const pending = conn.refreshes.shift();
+        if (pending) {
+          clearTimeout(pending.timer);
+          // From now on the socket's credential: the next socket connects with it too.
+          this.#token = pending.token;
+        }
+        this.#scheduleInbandRefresh(conn, msg.exp);
         return true;
+      }
+      case 'refresh_failed': {
+        // The socket keeps its credential and its old expiry.
+        const pending = conn.refreshes.shift();
+        if (pending) clearTimeout(pending.timer);
+        this.#refreshFailed(typeof msg.reason === 'string' ? msg.reason : 'unknown');
+        if (pending?.auto) this.#retryRefresh(conn);
+        return true;
+      }
       case 'resumed': {
         const { failed, replayed } = this.#positions ? this.#positions.resumed(msg.streams) : { failed: [], replayed: 0 };
         this.#stats.replayed += replayed;
@@ -600,41 +658,108 @@ export class BaseWebSocketClient {
     }
   }
 
+  /** @param {string} reason */
+  #refreshFailed(reason) {
+    this.#stats.refreshFailures++;
+    this.#log('warn', `in-band refresh refused: ${reason}`);
+    for (const cb of [...this.#refreshFailedCbs]) this.#safe(cb, reason);
+  }
+
   /**
-   * Ask getToken() for a new credential shortly before `exp` and send it as `refresh`.
+   * Remember the socket's expiry and ask getToken() for a new credential shortly before it, to
+   * send as `refresh`.
    * @param {Conn} conn @param {unknown} exp Unix seconds, or null
    */
   #scheduleInbandRefresh(conn, exp) {
     clearTimeout(conn.refreshTimer);
     conn.refreshTimer = null;
-    if (!this.#o.getToken || typeof exp !== 'number' || !Number.isFinite(exp)) return;
-    const delay = refreshDelay(exp, Date.now(), { lead: this.#o.refreshLead });
+    conn.exp = typeof exp === 'number' && Number.isFinite(exp) ? exp : null;
+    if (!this.#o.getToken || conn.exp === null) return;
+    const delay = refreshDelay(conn.exp, Date.now(), { lead: this.#o.refreshLead });
     conn.refreshTimer = setTimeout(() => this.#refreshInband(conn), delay);
   }
 
-  /** @param {Conn} conn */
+  /** The automatic refresh before `exp`. @param {Conn} conn */
   async #refreshInband(conn) {
     if (this.#conn !== conn) return;
     conn.refreshTimer = null;
     this.#stats.tokenRefreshes++;
-    this.#stats.getTokenCalls++;
-    let token = null;
-    try {
-      token = await this.#o.getToken();
-    } catch (error) {
-      this.#log('warn', 'getToken failed', error);
-    }
+    const token = await this.#askToken();
     if (this.#conn !== conn || conn.ws.readyState !== OPEN) return;
     if (!token) {
       this.#softReconnect();
       return;
     }
-    this.#token = token;
-    conn.ws.send(JSON.stringify({ type: 'refresh', token }));
-    // No answer in time: fall back to a soft reconnect before the old expiry closes the socket.
-    conn.refreshTimer = setTimeout(() => {
+    this.#sendRefresh(conn, token, true);
+  }
+
+  /**
+   * A refused automatic refresh: the socket keeps running; try again in-band in a few seconds
+   * while time is left, else replace the socket before the old expiry closes it 4001 (a final
+   * close, although getToken() may well have a good credential by then).
+   * @param {Conn} conn
+   */
+  #retryRefresh(conn) {
+    if (this.#conn !== conn || conn.refreshTimer !== null || conn.exp === null) return;
+    const remaining = conn.exp * 1000 - Date.now();
+    if (remaining <= REFRESH_RETRY_FLOOR_MS) {
+      this.#softReconnect();
+      return;
+    }
+    conn.refreshTimer = setTimeout(() => this.#refreshInband(conn), REFRESH_RETRY_DELAY_MS);
+  }
+
+  /** getToken()'s answer, or null when it has none or fails. */
+  async #askToken() {
+    this.#stats.getTokenCalls++;
+    try {
+      return (await this.#o.getToken()) ?? null;
+    } catch (error) {
+      this.#log('warn', 'getToken failed', error);
+      return null;
+    }
+  }
+
+  /**
+   * updateToken() on an admitted v2 socket.
+   * @param {Conn} conn @param {string | undefined} token
+   */
+  async #updateInband(conn, token) {
+    if (token === undefined) token = this.#o.getToken ? (await this.#askToken()) ?? undefined : this.#token ?? undefined;
+    if (this.#conn !== conn || conn.ws.readyState !== OPEN) {
+      // The socket went while getToken() answered: the next one connects with the new credential.
+      if (token !== undefined) this.#token = token;
+      return;
+    }
+    if (!token) {
+      this.#refreshFailed('missing_token');
+      return;
+    }
+    this.#sendRefresh(conn, token, false);
+  }
+
+  /**
+   * Send `refresh`; its answer comes in the order of the requests (#handleV2). No answer in time:
+   * a soft reconnect with the new credential replaces the socket.
+   * @param {Conn} conn @param {string} token @param {boolean} auto
+   */
+  #sendRefresh(conn, token, auto) {
+    const timer = setTimeout(() => {
       if (this.#conn === conn) this.#softReconnect();
     }, REFRESH_REPLY_TIMEOUT_MS);
+    conn.refreshes.push({ token, auto, timer });
+    conn.ws.send(JSON.stringify({ type: 'refresh', token }));
+  }
+
+  /**
+   * A socket closed with refreshes unanswered: the newest credential is the one to connect with,
+   * as updateToken() on v1 does.
+   * @param {Conn} conn
+   */
+  #settleRefreshes(conn) {
+    const pending = conn.refreshes.splice(0);
+    for (const p of pending) clearTimeout(p.timer);
+    if (pending.length) this.#token = pending[pending.length - 1].token;
   }
 
   /** @param {Conn} conn */
@@ -720,6 +845,7 @@ export class BaseWebSocketClient {
    */
   #handleClose(conn, code, reason, byClient, soft = false) {
     this.#clearConnTimers(conn);
+    this.#settleRefreshes(conn);
     if (this.#conn === conn) {
       this.#conn = null;
       this.ws = null;

@@ -21,6 +21,12 @@ export interface WSEvent {
 export interface StreamPosition { stream: string; offset: string }
 /** Protocol v2: called with the streams a `resume` could not recover (refetch their state). */
 export type RecoveryFailedCallback = (streams: string[]) => void;
+/**
+ * Protocol v2: called with the gateway's reason when it refuses an in-band refresh (`expired`,
+ * `bad_signature`, `other_principal`, `revoked`, `unavailable`, ...; `missing_token` when
+ * getToken() had none). The socket stays open with its old expiry.
+ */
+export type RefreshFailedCallback = (reason: string) => void;
 
 export type EventCallback = (event: WSEvent) => void;
 export type ConnectionCallback = (isConnected: boolean) => void;
@@ -79,6 +85,8 @@ export interface BaseWSClientOptions {
   protocol?: 'v1' | 'v2';
   /** Protocol v2: streams a `resume` could not recover (also onRecoveryFailed()). */
   onRecoveryFailed?: RecoveryFailedCallback;
+  /** Protocol v2: refused in-band refreshes (also onRefreshFailed()); the socket stays open. */
+  onRefreshFailed?: RefreshFailedCallback;
   /** Injection points (tests, non-browser hosts). */
   WebSocket?: typeof WebSocket;
   fetch?: typeof fetch;
@@ -137,6 +145,11 @@ export declare class BaseWebSocketClient {
   softDisconnect(): void;
   disconnect(): void;
   destroy(): void;
+  /**
+   * Use a new credential now. On an admitted v2 socket: in-band `refresh`, the socket stays open;
+   * a refusal keeps the old credential and expiry and goes to onRefreshFailed(). Otherwise a soft
+   * reconnect. Without a token, getToken() is asked.
+   */
   updateToken(token?: string): void;
   refreshToken(): void;
   setBranchId(branchId: number | null): void;
@@ -152,6 +165,8 @@ export declare class BaseWebSocketClient {
   onSectorsUpdated(callback: (sectorIds: number[]) => void): () => void;
   /** Protocol v2: streams a `resume` could not recover. */
   onRecoveryFailed(callback: RecoveryFailedCallback): () => void;
+  /** Protocol v2: every refused in-band refresh (updateToken()'s and the automatic one). */
+  onRefreshFailed(callback: RefreshFailedCallback): () => void;
   /** Whether the current socket speaks protocol v2. */
   isV2(): boolean;
   /** Protocol v2: the last offset per stream, what the next socket resumes from ({} with v1). */
@@ -160,6 +175,8 @@ export declare class BaseWebSocketClient {
   getState(): ConnectionState;
   getFinalClose(): { code: number; reason: string } | null;
   ping(): boolean;
+  /** The credential in use; a token refused in-band (refresh_failed) never becomes it. */
+  getActiveToken(): string | null;
   readonly stats: ClientStats;
 
   protected getUrl(): string;
@@ -184,7 +201,7 @@ export declare class AdminClient extends BaseWebSocketClient {
 }
 export declare class DinerClient extends BaseWebSocketClient {
   constructor(options?: DinerClientOptions);
-  tableToken: string | null;
+  readonly tableToken: string | null;
   getSessionId(): number | null;
 }
 export declare function endpointForRoles(roles: readonly string[]): 'admin' | 'kitchen';

@@ -99,6 +99,33 @@ export function redisCommand(port, ...args) {
   });
 }
 
+/** One RESP connection kept open, commands answered in order (steady publishing at a rate). */
+export async function redisConnection(port) {
+  const sock = net.createConnection({ port, host: '127.0.0.1' });
+  await once(sock, 'connect');
+  const waiting = [];
+  let buf = Buffer.alloc(0);
+  sock.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    for (;;) {
+      const r = parse(buf, 0);
+      if (!r) return;
+      buf = buf.subarray(r.next);
+      const w = waiting.shift();
+      if (r.value instanceof Error) w?.reject(r.value);
+      else w?.resolve(r.value);
+    }
+  });
+  sock.on('error', (error) => { for (const w of waiting.splice(0)) w.reject(error); });
+  return {
+    command: (...args) => new Promise((resolve, reject) => {
+      waiting.push({ resolve, reject });
+      sock.write(encode(args));
+    }),
+    close: () => { sock.end(); sock.destroy(); },
+  };
+}
+
 export async function startRedis() {
   const port = await freePort();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsclient-redis-'));

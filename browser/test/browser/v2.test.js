@@ -1,8 +1,9 @@
-// Protocol v2 in Chromium against the real gateway: resume across a gateway crash (SIGKILL) and
-// restart, and the in-band credential refresh that keeps one socket open past its token's expiry.
+// Protocol v2 in Chromium against the real gateway: the in-band credential refresh, automatic
+// (getToken() before exp) and by updateToken(), that keeps one socket open; a refused one leaves
+// the socket on its old expiry. The crash and restart test is v2-crash.test.js.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { envelope, environment, mint, publishStream, sleep, startGateway, waitFor } from './harness.js';
+import { envelope, environment, mint, publishStream, sleep, waitFor } from './harness.js';
 
 let env;
 let page;
@@ -14,52 +15,6 @@ after(async () => env?.close());
 
 const ids = (name) => page.evaluate((n) => log[n].events.map((e) => e.entity.id), name);
 const attemptsFor = (token) => page.evaluate((t) => wsAttempts.filter((a) => a.url.includes(t)).length, encodeURIComponent(token));
-
-test('v2 across a gateway SIGKILL and restart on the same port: every event once, in order, no catch-up', async () => {
-  const token = await mint(env.gw, { kind: 'staff', user: 41, roles: ['WAITER'], branches: [2], ttl: 3600 });
-  await page.evaluate(({ ws, token }) => {
-    window.recoveryFailed = [];
-    const c = track('crash', new lib.WaiterClient({
-      url: ws, token, branchId: 2, protocol: 'v2', baseDelay: 300, maxDelay: 1500,
-      onRecoveryFailed: (streams) => window.recoveryFailed.push(streams),
-    }));
-    c.connect();
-  }, { ws: env.gw.ws, token });
-  await waitFor(() => page.evaluate(() => clients.crash.stats.pongs >= 1), { message: 'admitted' });
-  assert.deepEqual(await page.evaluate(() => [clients.crash.isV2(), clients.crash.ws.protocol]), [true, 'integrador.v2']);
-  const sent = [];
-  const publish = async (id) => {
-    sent.push(id);
-    await publishStream(env.redis, envelope('ROUND_PENDING', { entity: { id } }));
-  };
-  for (const id of ['k1', 'k2', 'k3']) await publish(id);
-  await waitFor(async () => (await ids('crash')).length === 3, { message: 'live events' });
-  // A crash, not a drain: no 1012, the browser sees the TCP connection die (1006).
-  await env.gw.stop('SIGKILL');
-  await waitFor(() => page.evaluate(() => log.crash.closes.length >= 1), { message: 'the close' });
-  // Published while no gateway runs: the restarted instance stores them, the resume replays them.
-  for (const id of ['k4', 'k5', 'k6']) await publish(id);
-  env.gw = await startGateway({ redis: env.redis, port: env.gw.port, origins: [env.stat.origin] });
-  await publish('k7');
-  await waitFor(() => page.evaluate(() => clients.crash.getState() === 'connected' && clients.crash.stats.v2Opens >= 2),
-    { message: 'reconnected as v2' });
-  for (const id of ['k8', 'k9']) await publish(id);
-  await waitFor(async () => (await ids('crash')).includes('k9'), { message: 'k9' });
-  await sleep(500);
-  assert.deepEqual(await ids('crash'), sent, 'every event exactly once, in order');
-  const [s, positions, failed, closes] = await page.evaluate(() => [
-    clients.crash.stats, clients.crash.getPositions(), window.recoveryFailed, log.crash.closes.map((c) => c.code)]);
-  assert.equal(s.catchupRequests, 0, 'no HTTP catch-up on v2 sockets');
-  assert.equal(s.duplicatesDropped, 0);
-  assert.ok(s.resumes >= 2, `${s.resumes} resumes`);
-  assert.deepEqual(failed, [], 'the resume recovered the stream');
-  assert.deepEqual(Object.keys(positions), ['1:2']);
-  assert.ok(closes.every((code) => code === 1006), JSON.stringify(closes));
-  const events = await page.evaluate(() => log.crash.events);
-  assert.ok(events.every((e) => e._pos?.stream === '1:2' && typeof e._pos.offset === 'string'));
-  assert.equal(positions['1:2'], events.at(-1)._pos.offset);
-  await page.evaluate(() => clients.crash.destroy());
-});
 
 test('v2 in-band refresh: 5 s tokens, one socket still open and receiving at 10 s, never reconnected', async () => {
   await page.evaluate(({ ws, http }) => {
@@ -96,4 +51,85 @@ test('v2 in-band refresh: 5 s tokens, one socket still open and receiving at 10 
   assert.equal(s.refreshFailures, 0);
   assert.equal(s.getTokenCalls, s.inbandRefreshes + 1);
   await page.evaluate(() => clients.inband.destroy());
+});
+
+/** The raw frames (JSON `type`s) and event ids each socket opened with `token` received. */
+const socketsOf = (token) => page.evaluate((t) => wsAttempts.filter((a) => a.url.includes(t)).map((a) => ({ frames: a.frames, ids: a.ids })),
+  encodeURIComponent(token));
+
+test('v2 updateToken(): refreshed in-band on the same socket, no new welcome, events keep arriving', async () => {
+  const token = await mint(env.gw, { kind: 'staff', user: 43, roles: ['WAITER'], branches: [2], ttl: 600 });
+  await page.evaluate(({ ws, token }) => {
+    window.refusals43 = [];
+    track('update', new lib.WaiterClient({ url: ws, token, branchId: 2, onRefreshFailed: (r) => refusals43.push(r) })).connect();
+  }, { ws: env.gw.ws, token });
+  await waitFor(() => page.evaluate(() => clients.update.stats.pongs >= 1), { message: 'admitted' });
+  assert.equal(await page.evaluate(() => clients.update.isV2()), true);
+  const sent = [];
+  const publish = async (id) => {
+    sent.push(id);
+    await publishStream(env.redis, envelope('ROUND_PENDING', { entity: { id } }));
+  };
+  for (const id of ['u1', 'u2', 'u3']) await publish(id);
+  await waitFor(async () => (await ids('update')).length === 3, { message: 'events before the update' });
+  const fresh = await mint(env.gw, { kind: 'staff', user: 43, roles: ['WAITER'], branches: [2], ttl: 1800 });
+  await page.evaluate((t) => clients.update.updateToken(t), fresh);
+  await waitFor(() => page.evaluate(() => clients.update.stats.inbandRefreshes === 1), { message: 'refreshed' });
+  for (const id of ['u4', 'u5', 'u6']) await publish(id);
+  await waitFor(async () => (await ids('update')).length === 6, { message: 'events after the update' });
+  await sleep(300);
+  assert.deepEqual(await ids('update'), sent, 'every event once, in order');
+  const [s, closes, connected, refusals] = await page.evaluate(() => [
+    clients.update.stats, log.update.closes, clients.update.isConnected(), refusals43]);
+  assert.equal(connected, true);
+  assert.deepEqual(closes, [], 'the socket was never closed');
+  assert.equal(s.opens, 1);
+  assert.deepEqual([s.inbandRefreshes, s.refreshFailures], [1, 0]);
+  assert.deepEqual(refusals, []);
+  // One socket in all, with one welcome and one refreshed; none was opened with the new token.
+  const [socket, ...others] = await socketsOf(token);
+  assert.deepEqual(others, []);
+  assert.deepEqual(await socketsOf(fresh), []);
+  const count = (type) => socket.frames.filter((f) => f === type).length;
+  assert.deepEqual([count('welcome'), count('resumed'), count('refreshed'), count('refresh_failed')], [1, 1, 1, 0]);
+  assert.deepEqual(socket.ids, sent);
+  await page.evaluate(() => clients.update.destroy());
+});
+
+test('v2 updateToken() with a refused token: refresh_failed, the socket runs on until its old exp closes it 4001', async () => {
+  const token = await mint(env.gw, { kind: 'staff', user: 44, roles: ['WAITER'], branches: [2], ttl: 6 });
+  await page.evaluate(({ ws, token }) => {
+    window.refusals44 = [];
+    const c = track('refused', new lib.WaiterClient({ url: ws, token, branchId: 2 }));
+    c.onRefreshFailed((reason) => refusals44.push({ reason, connected: c.isConnected() }));
+    c.connect();
+  }, { ws: env.gw.ws, token });
+  await waitFor(() => page.evaluate(() => clients.refused.stats.pongs >= 1), { message: 'admitted' });
+  // Another user's valid token: the gateway refuses it as another principal.
+  const other = await mint(env.gw, { kind: 'staff', user: 45, roles: ['WAITER'], branches: [2], ttl: 3600 });
+  await page.evaluate((t) => clients.refused.updateToken(t), other);
+  await waitFor(() => page.evaluate(() => refusals44.length === 1), { message: 'refresh_failed' });
+  const sent = [];
+  for (const id of ['f1', 'f2', 'f3']) {
+    sent.push(id);
+    await publishStream(env.redis, envelope('ROUND_PENDING', { entity: { id } }));
+  }
+  await waitFor(async () => (await ids('refused')).length === 3, { message: 'events after the refusal' });
+  const [refusals, stillOpen] = await page.evaluate(() => [refusals44, clients.refused.isConnected()]);
+  assert.deepEqual(refusals, [{ reason: 'other_principal', connected: true }]);
+  assert.equal(stillOpen, true, 'a refused refresh leaves the socket open');
+  // The old expiry still stands: the gateway closes the socket at it, a final 4001.
+  await waitFor(() => page.evaluate(() => log.refused.final !== null), { message: 'the 4001 at the old exp' });
+  const [s, closes, final, state] = await page.evaluate(() => [
+    clients.refused.stats, log.refused.closes, log.refused.final, clients.refused.getState()]);
+  assert.deepEqual(final, { code: 4001, reason: 'Token expired or revoked' });
+  assert.deepEqual(closes.map((c) => c.code), [4001]);
+  assert.equal(state, 'closed');
+  assert.deepEqual([s.opens, s.inbandRefreshes, s.refreshFailures], [1, 0, 1]);
+  assert.deepEqual(await ids('refused'), sent);
+  const sockets = await socketsOf(token);
+  assert.equal(sockets.length, 1, 'never reconnected');
+  assert.deepEqual(sockets[0].frames.filter((f) => f !== 'ROUND_PENDING' && f !== 'pong'), ['welcome', 'resumed', 'refresh_failed']);
+  assert.deepEqual(await socketsOf(other), []);
+  await page.evaluate(() => clients.refused.destroy());
 });

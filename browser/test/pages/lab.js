@@ -1,4 +1,5 @@
-// Test page: the library and the legacy reproduction on window, WebSocket constructions counted.
+// Test page: the library and the legacy reproduction on window, WebSocket constructions counted
+// and every frame each socket received recorded as it came off the wire, before the library.
 import * as lib from '../../src/index.js';
 import * as legacy from '../legacy/legacy-client.js';
 
@@ -7,7 +8,16 @@ window.wsAttempts = [];
 window.WebSocket = class CountingWebSocket extends NativeWebSocket {
   constructor(url, protocols) {
     super(url, protocols);
-    window.wsAttempts.push({ t: performance.now(), url: String(url) });
+    // frames: the type of every JSON frame (events included); ids: each event's entity id or seq.
+    const attempt = { t: performance.now(), url: String(url), frames: [], ids: [] };
+    window.wsAttempts.push(attempt);
+    this.addEventListener('message', (ev) => {
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch { return; }
+      if (!msg || typeof msg !== 'object') return;
+      attempt.frames.push(msg.type);
+      if (msg.entity && typeof msg.entity === 'object') attempt.ids.push(msg.entity.id ?? msg.entity.seq);
+    });
   }
 };
 

@@ -50,6 +50,12 @@ class DashboardWebSocket extends BaseWebSocketClient {
   setToken(token: string): void {
     this.token = token;
   }
+
+  // The apps' services define their own updateToken(newToken): void; it still overrides.
+  updateToken(newToken: string): void {
+    this.token = newToken;
+    super.updateToken(newToken);
+  }
 }
 
 const dash = new DashboardWebSocket();
@@ -82,6 +88,11 @@ const v2 = new WaiterClient({
   protocol: 'v2', getToken: async () => 'jwt', onRecoveryFailed: (streams: string[]) => streams.length,
 });
 v2.onRecoveryFailed((streams) => streams.join(','));
+const offRefusals: () => void = v2.onRefreshFailed((reason: string) => console.warn(reason));
+v2.updateToken('new-jwt');
+v2.refreshToken();
+new KitchenClient({ protocol: 'v2', onRefreshFailed: (reason) => reason.length });
+offRefusals();
 const positions: Record<string, string> = v2.getPositions();
 const speaking: boolean = v2.isV2();
 const posOf = (e: WSEvent): string | undefined => e._pos?.offset;
