@@ -17,7 +17,24 @@ from typing import Any
 import attrs
 
 from gateway.core.clientip import parse_networks
+from gateway.core.cluster import key_slot, tagged
 from gateway.core.credentials import Credentials
+from gateway.settings_values import (
+    Parser,
+    check_range,
+    convert,
+    parse_bool,
+    parse_level,
+    parse_list,
+    parse_nodes,
+    parse_optional_port,
+    parse_optional_str,
+    parse_redis_url,
+)
+from gateway.settings_values import (
+    SettingsError as SettingsError,  # re-exported: callers know it here
+)
+from gateway.settings_values import redact_url_password as redact_url_password
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
@@ -28,49 +45,6 @@ ENVIRONMENTS = ("development", "test", "staging", "production")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-class SettingsError(ValueError):
-    """An invalid setting. The message names the environment variable (or flag)."""
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
-
-
-def _parse_list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _parse_optional_str(raw: str) -> str | None:
-    return raw.strip() or None
-
-
-def _parse_redis_url(raw: str) -> str | None:
-    url = raw.strip()
-    if not url:
-        return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return url
-
-
-def _parse_optional_port(raw: str) -> int | None:
-    return int(raw.strip()) if raw.strip() else None
-
-
-def _parse_level(raw: str) -> str:
-    return raw.strip().upper()
-
-
-_Parser = Callable[[str], Any]
 
 
 def setting(
@@ -78,7 +52,7 @@ def setting(
     env: str,
     help: str,
     *,
-    parse: _Parser | None = None,
+    parse: Parser | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
@@ -117,18 +91,18 @@ class Settings:
     production_check: bool = setting(
         False, "PRODUCTION_CHECK",
         "Set on production hosts: disables the development bypass for a missing Origin header (D2).",
-        parse=_parse_bool,
+        parse=parse_bool,
     )
     allowed_origins: tuple[str, ...] = setting(
         (), "ALLOWED_ORIGINS",
         "Comma-separated exact Origin allow-list (WebSocket and CORS). Required outside development; "
         "empty in development: the 18 development origins and their https:// forms.",
-        parse=_parse_list,
+        parse=parse_list,
     )
     trusted_proxies: tuple[str, ...] = setting(
         (), "GATEWAY_TRUSTED_PROXIES",
         "Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is believed. Empty: none.",
-        parse=_parse_list,
+        parse=parse_list,
     )
     admin_host: str = setting(
         "127.0.0.1", "GATEWAY_ADMIN_HOST", "Address of the internal operations listener (see GATEWAY_ADMIN_PORT).",
@@ -137,7 +111,7 @@ class Settings:
         None, "GATEWAY_ADMIN_PORT",
         "Serve /ws/metrics, /ws/health/detailed and /ws/publish only on this internal port (404 on the public "
         "one). Unset: every route on the public port.",
-        parse=_parse_optional_port, minimum=0, maximum=65535,
+        parse=parse_optional_port, minimum=0, maximum=65535,
     )
     max_pending_connections: int = setting(
         4096, "WS_MAX_PENDING_CONNECTIONS",
@@ -229,7 +203,7 @@ class Settings:
     )
     direct_write: bool = setting(
         True, "GATEWAY_DIRECT_WRITE",
-        "Write a frame straight to an idle socket instead of waking its writer task.", parse=_parse_bool,
+        "Write a frame straight to an idle socket instead of waking its writer task.", parse=parse_bool,
     )
     dedup_window: float = setting(
         10.0, "GATEWAY_DEDUP_WINDOW", "Seconds within which copies of one logical event are delivered once (D10).",
@@ -243,11 +217,37 @@ class Settings:
     # --- Redis ---------------------------------------------------------------------------------
     redis_url: str | None = setting(
         None, "REDIS_URL", "Redis to use (redis://, rediss://, unix://). Unset: start a private redis-server child (D18).",
-        parse=_parse_redis_url,
+        parse=parse_redis_url,
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        (), "REDIS_SENTINELS",
+        "Comma-separated host:port of Redis Sentinels (instead of REDIS_URL); the gateway follows the "
+        "master they name, with REDIS_SENTINEL_MASTER.", parse=parse_nodes,
+    )
+    redis_sentinel_master: str | None = setting(
+        None, "REDIS_SENTINEL_MASTER", "Name of the master the sentinels monitor (`sentinel monitor <name> ...`).",
+        parse=parse_optional_str,
+    )
+    redis_sentinel_password: str | None = setting(
+        None, "REDIS_SENTINEL_PASSWORD", "Password of the sentinels themselves (their requirepass), if any.",
+        parse=parse_optional_str, secret=True,
+    )
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = setting(
+        (), "REDIS_CLUSTER_NODES",
+        "Comma-separated host:port of some Redis Cluster nodes (instead of REDIS_URL); the rest is discovered.",
+        parse=parse_nodes,
+    )
+    redis_username: str | None = setting(
+        None, "REDIS_USERNAME", "ACL user of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES.",
+        parse=parse_optional_str,
+    )
+    redis_password: str | None = setting(
+        None, "REDIS_PASSWORD", "Password of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES "
+        "(REDIS_URL carries its own).", parse=parse_optional_str, secret=True,
     )
     redis_data_dir: str | None = setting(
         None, "GATEWAY_REDIS_DATA_DIR", "Embedded Redis only: keep its data here (AOF on). Unset: nothing on disk.",
-        parse=_parse_optional_str,
+        parse=parse_optional_str,
     )
     instance_id: str = setting(
         None, "GATEWAY_INSTANCE_ID",
@@ -255,7 +255,11 @@ class Settings:
         factory=_hostname,
     )
     stream: str = setting("events:critical", "GATEWAY_STREAM", "Stream of critical events.")
-    dlq_stream: str = setting("events:dlq", "GATEWAY_DLQ_STREAM", "Dead-letter stream.")
+    dlq_stream: str | None = setting(
+        None, "GATEWAY_DLQ_STREAM",
+        "Dead-letter stream. Default: `events:dlq`; on a cluster `{<stream>}:dlq`, since it must share the stream's slot.",
+        parse=parse_optional_str,
+    )
     group_prefix: str = setting(
         "ws_gateway_group", "GATEWAY_GROUP_PREFIX", "Consumer groups are named `<prefix>:<instance id>`.",
     )
@@ -319,7 +323,7 @@ class Settings:
     database_url: str | None = setting(
         None, "DATABASE_URL",
         "PostgreSQL with the table waiter_sector_assignment; unset: the database sector source is off.",
-        parse=_parse_optional_str, secret=True,
+        parse=parse_optional_str, secret=True,
     )
     sector_timezone: str = setting(
         "UTC", "GATEWAY_SECTOR_TIMEZONE", "Time zone whose local date selects today's sector assignments.",
@@ -335,13 +339,13 @@ class Settings:
     # --- operations ----------------------------------------------------------------------------
     publish_token: str | None = setting(
         None, "GATEWAY_PUBLISH_TOKEN", "Bearer token of POST /ws/publish. Unset: the endpoint is off.",
-        parse=_parse_optional_str, secret=True,
+        parse=parse_optional_str, secret=True,
     )
     console_enabled: bool = setting(
         False, "GATEWAY_CONSOLE",
         "Serve the live console at /ws/console outside development (always on in development); with "
         "GATEWAY_ADMIN_PORT set, on the internal listener only.",
-        parse=_parse_bool,
+        parse=parse_bool,
     )
     drain_period: float = setting(
         3.0, "GATEWAY_DRAIN_PERIOD",
@@ -352,7 +356,7 @@ class Settings:
         10.0, "GATEWAY_SHUTDOWN_TIMEOUT", "Seconds a shutdown may take (drain included) before remaining sockets are dropped.",
         minimum=0.1, maximum=3600,
     )
-    log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=_parse_level, choices=LOG_LEVELS)
+    log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=parse_level, choices=LOG_LEVELS)
     log_format: str = setting(
         "auto", "LOG_FORMAT", "json, text, or auto (text in development, JSON elsewhere).", choices=LOG_FORMATS,
     )
@@ -371,19 +375,19 @@ class Settings:
         for field in attrs.fields(cls):
             env = field.metadata["env"]
             if env in environ:
-                values[field.name] = _convert(field, environ[env], env)
+                values[field.name] = convert(field, environ[env], env)
         for name, raw in overrides.items():
             if raw is None:
                 continue
             field = getattr(attrs.fields(cls), name)
-            values[name] = _convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
+            values[name] = convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
         settings = cls(**values)
         settings.check(serving=serving)
         return settings
 
     def check(self, *, serving: bool = True) -> None:
         for field in attrs.fields(type(self)):
-            _check_range(field, getattr(self, field.name), field.metadata["env"])
+            check_range(field, getattr(self, field.name), field.metadata["env"])
         if serving and self.environment != "development":
             self._check_production()
         try:
@@ -396,6 +400,28 @@ class Settings:
             raise SettingsError(f"GATEWAY_SECTOR_TIMEZONE: unknown time zone {self.sector_timezone!r}") from None
         if not self.instance_id or any(c.isspace() for c in self.instance_id):
             raise SettingsError("GATEWAY_INSTANCE_ID: must be a non-empty name without spaces")
+        self._check_redis()
+
+    def _check_redis(self) -> None:
+        """One way to reach Redis, complete, with credentials only where they are used."""
+        chosen = [name for name, value in (("REDIS_URL", self.redis_url), ("REDIS_SENTINELS", self.redis_sentinels),
+                                           ("REDIS_CLUSTER_NODES", self.redis_cluster_nodes)) if value]
+        if len(chosen) > 1:
+            raise SettingsError(f"{chosen[1]}: set only one of REDIS_URL, REDIS_SENTINELS and REDIS_CLUSTER_NODES")
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            missing = "REDIS_SENTINEL_MASTER" if self.redis_sentinels else "REDIS_SENTINELS"
+            raise SettingsError(f"{missing}: REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together")
+        if self.redis_sentinel_password and not self.redis_sentinels:
+            raise SettingsError("REDIS_SENTINEL_PASSWORD: only used with REDIS_SENTINELS")
+        for name, value in (("REDIS_USERNAME", self.redis_username), ("REDIS_PASSWORD", self.redis_password)):
+            if value and not (self.redis_sentinels or self.redis_cluster_nodes):
+                raise SettingsError(f"{name}: only used with REDIS_SENTINELS or REDIS_CLUSTER_NODES "
+                                    "(REDIS_URL carries its own credentials)")
+        if self.redis_username and not self.redis_password:
+            raise SettingsError("REDIS_USERNAME: needs REDIS_PASSWORD")
+        if self.redis_cluster_nodes and key_slot(self.dead_letter_stream) != key_slot(self.stream):
+            raise SettingsError(f"GATEWAY_DLQ_STREAM: on a cluster it must share the slot of {self.stream!r} "
+                                f"(dead letters and acknowledgements go in one write), e.g. {tagged(self.stream)}:dlq")
 
     def _check_production(self) -> None:
         """Outside development a gateway never starts on a secret anyone could know or guess."""
@@ -432,6 +458,12 @@ class Settings:
         return self.environment == "development" and not self.production_check
 
     @property
+    def dead_letter_stream(self) -> str:
+        if self.dlq_stream is not None:
+            return self.dlq_stream
+        return f"{tagged(self.stream)}:dlq" if self.redis_cluster_nodes else "events:dlq"
+
+    @property
     def consumer_group(self) -> str:
         return f"{self.group_prefix}:{self.instance_id}"
 
@@ -446,48 +478,6 @@ class Settings:
                 value = redact_url_password(value)
             out[field.name] = value
         return out
-
-
-def redact_url_password(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
-def _convert(field: attrs.Attribute[Any], raw: str, name: str) -> Any:
-    parse: _Parser | None = field.metadata["parse"]
-    if parse is None:
-        parse = {"int": int, "float": float}.get(str(field.type), str)
-    try:
-        value = parse(raw.strip() if parse in (int, float) else raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name}: invalid value {_shown(field, raw)}: {exc}") from None
-    _check_range(field, value, name)
-    return value
-
-
-def _shown(field: attrs.Attribute[Any], raw: str) -> str:
-    # A URL may carry a password even when it is malformed.
-    return "(hidden)" if field.metadata["secret"] or field.name == "redis_url" else repr(raw)
-
-
-def _check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
-    meta = field.metadata
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise SettingsError(f"{name}: must be a finite number")
-        if meta["minimum"] is not None and value < meta["minimum"]:
-            raise SettingsError(f"{name}: {value} is below the minimum {meta['minimum']}")
-        if meta["maximum"] is not None and value > meta["maximum"]:
-            raise SettingsError(f"{name}: {value} is above the maximum {meta['maximum']}")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
 
 
 def settings_fields() -> tuple[attrs.Attribute[Any], ...]:
