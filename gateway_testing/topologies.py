@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Sequence
 from typing import Any
@@ -170,6 +171,19 @@ class SentinelSet:
         self.master.close()
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) exists and is free too."""
+    while True:
+        port = free_port()
+        if port <= 55535:
+            try:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+
+
 #: Three masters, slots split evenly.
 _RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
 
@@ -182,7 +196,7 @@ class ClusterSet:
 
     @classmethod
     async def start(cls, extra_args: Sequence[str] = ()) -> ClusterSet:
-        nodes = [RedisProcess(RedisConfig(port=0, extra_args=(
+        nodes = [RedisProcess(RedisConfig(port=_cluster_port(), extra_args=(
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
             # A lost master leaves its slots unserved but the others go on serving theirs.
             "--cluster-require-full-coverage", "no", *extra_args))) for _ in range(3)]
