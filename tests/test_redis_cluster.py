@@ -112,7 +112,7 @@ async def test_invalid_entries_go_to_a_dead_letter_stream_in_the_streams_slot_an
     await xadd(rc, b"not json at all")
     async with topology(rc).client() as client:
         with trio.fail_after(10):
-            while not (letters := await list_dead_letters(client, "{events:critical}:dlq")):
+            while not (letters := await list_dead_letters(client, "{events:critical}:dlq")):  # noqa: ASYNC110 - written asynchronously
                 await trio.sleep(0.05)
         assert [d.fields["error"] for d in letters] == ["invalid: not_json"]
         # The stream deleted under the reader: NOGROUP, the group is recreated, delivery goes on.
