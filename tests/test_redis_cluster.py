@@ -147,3 +147,31 @@ async def test_pubsub_subscribes_again_on_another_node_when_its_node_is_killed(
             if isinstance(frame, dict) and "entity" in frame:
                 break
             seq += 1
+
+
+async def test_a_gateway_started_while_the_cluster_is_down_starts_once_a_node_answers(
+    redis_cluster: ClusterSet, gateway_factory: Any
+) -> None:
+    rc = redis_cluster
+    for node in rc.nodes:
+        await trio.to_thread.run_sync(node.kill)
+
+    async def restart_after_the_gateway_tried() -> None:
+        await trio.sleep(1.0)
+        for node in rc.nodes:  # same ports; each keeps its cluster configuration (nodes.conf)
+            await trio.to_thread.run_sync(node.restart)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(restart_after_the_gateway_tried)
+        handle = await start(gateway_factory, rc)  # returns once the gateway is up
+    await rc.wait_ok()
+    admin = await handle.connect("admin", handle.staff_token(roles=("ADMIN",)))
+    await handle.connected(1)
+    with trio.fail_after(20):
+        seq = 200
+        while True:
+            await xadd(rc, encode_envelope(numbered(seq)))
+            frame = await admin.receive(0.5)
+            if isinstance(frame, dict) and "entity" in frame:
+                break
+            seq += 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol, cast
 
 import attrs
@@ -31,7 +31,7 @@ from coredis.connection import TCPLocation
 
 from gateway.core.cluster import format_node, key_slot
 from gateway.redisio import resp
-from gateway.redisio.client import make_client
+from gateway.redisio.client import is_redis_failure, make_client
 from gateway.settings import Settings
 from gateway.settings_values import redact_url_password
 
@@ -218,10 +218,25 @@ class Cluster:
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[coredis.Redis[bytes]]:
-        client = coredis.RedisCluster(startup_nodes=[TCPLocation(h, p) for h, p in self.seeds], username=self.username,
-                                      password=self.password, connect_timeout=CONNECT_TIMEOUT,
-                                      stream_timeout=STREAM_TIMEOUT, decode_responses=False)
-        async with client:
+        # coredis reads the cluster's layout when the client is entered and fails when no node
+        # answers: wait for one (the gateway is not listening yet, so not ready either).
+        delay = 0.5
+        async with AsyncExitStack() as stack:
+            while True:
+                client = coredis.RedisCluster(
+                    startup_nodes=[TCPLocation(h, p) for h, p in self.seeds], username=self.username,
+                    password=self.password, connect_timeout=CONNECT_TIMEOUT, stream_timeout=STREAM_TIMEOUT,
+                    decode_responses=False)
+                try:
+                    await stack.enter_async_context(client)
+                    break
+                except BaseException as exc:
+                    if not is_redis_failure(exc):
+                        raise
+                    log.warning("no Redis Cluster node answers yet; retrying",
+                                extra={"redis": self.describe(), "retry_in": delay})
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
             # RedisCluster answers the same command methods as Redis (it routes each by its keys);
             # the components are typed against Redis.
             yield cast("coredis.Redis[bytes]", client)
