@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib.constants import RESULTS, STREAM, STREAM_MAXLEN
+from bench.lib.gateway_code import export_gateway, gateway_code_identity
 from bench.lib.gateway_process import GatewayProcess
 from bench.lib.log import log
-from bench.lib.measurement import CpuSnapshot, cpu_cores
+from bench.lib.measurement import CpuSnapshot, cpu_cores, wait_for_quiet_host
 from bench.lib.resp import Resp
 from bench.lib.results import rel, run_main, stamp, write_json
 from gateway.core.events import encode_envelope, envelope
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=500.0, help="events per second (default 500)")
     p.add_argument("--payload", type=int, default=250, help="approximate event JSON size in bytes")
     p.add_argument("--pubsub-share", type=float, default=0.5, help="fraction published with PUBLISH (default 0.5)")
+    p.add_argument("--gateway-ref", default=None,
+                   help="run the gateway package of this git commit (git archive) instead of the work tree's")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="wait up to this many seconds for the host to be quiet before each run")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -112,7 +117,9 @@ def wait_groups(r: Resp, count: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{count} consumer groups not there within {timeout:g} s")
 
 
-def one_run(args: argparse.Namespace, count: int, log_dir: str) -> dict[str, Any]:
+def one_run(args: argparse.Namespace, count: int, log_dir: str, source: str | None) -> dict[str, Any]:
+    if args.wait_idle:
+        wait_for_quiet_host(args.wait_idle, 0.5)
     redis = RedisProcess(RedisConfig(port=0))
     gateways: list[GatewayProcess] = []
     try:
@@ -124,7 +131,7 @@ def one_run(args: argparse.Namespace, count: int, log_dir: str) -> dict[str, Any
         for i in range(count):
             gw_dir = os.path.join(log_dir, f"n{count}-{i}")
             os.makedirs(gw_dir, exist_ok=True)
-            gw = GatewayProcess(port=free_port(), log_dir=gw_dir, env={
+            gw = GatewayProcess(port=free_port(), log_dir=gw_dir, source=source, env={
                 "REDIS_URL": redis.url, "LOG_LEVEL": "WARNING", "GATEWAY_INSTANCE_ID": f"egress-{i}"})
             gateways.append(gw)
             gw.start()
@@ -189,10 +196,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> dict[str, Any]:
         log_dir = tempfile.mkdtemp(prefix="gw-egress-")
+        source = None
+        if args.gateway_ref:
+            source = os.path.join(log_dir, "src")
+            identity = gateway_code_identity(export_gateway(args.gateway_ref, source), source)
+        else:
+            identity = gateway_code_identity()
         runs = []
         for count in args.counts:
             log(f"{count} instance(s): {args.events} events at {args.rate:g}/s")
-            runs.append(one_run(args, count, log_dir))
+            runs.append(one_run(args, count, log_dir, source))
             log(json.dumps({k: v for k, v in runs[-1].items() if k != "cpu_cores"}))
         base = next((r for r in runs if r["instances"] == 0), None)
         for run in runs:
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = {
             "bench": "egress", "events": args.events, "rate": args.rate,
             "payload_bytes": len(payload(0, args.payload)), "pubsub_share": args.pubsub_share,
-            "runs": runs, "timestamp": started,
+            "runs": runs, "gateway_code": identity, "timestamp": started,
         }
         if not args.no_save:
             path = Path(args.results_dir) / f"egress-{started}-e{args.events}-r{args.rate:g}.json"
