@@ -53,6 +53,11 @@ async def listen(port: int, token: str, seen: Seen, connected: trio.Event) -> No
                 seen.add(int(frame["entity"]["seq"]))
 
 
+def info_field(info: bytes, name: str) -> int:
+    fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+    return int(fields.get(name, 0))
+
+
 async def wait_for_seq(seen: Seen, seq: int, within: float = 30) -> None:
     with trio.fail_after(within):
         while seq not in seen.seqs:
@@ -79,9 +84,12 @@ async def test_gateway_reads_through_the_sentinels_master(redis_sentinel: Sentin
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("burst", [0, 3000], ids=["steady", "burst-then-kill"])
 async def test_gateway_follows_a_sentinel_failover_while_events_are_published(
-    redis_sentinel: SentinelSet, gateway_factory: Any
+    redis_sentinel: SentinelSet, gateway_factory: Any, burst: int
 ) -> None:
+    """``burst``: that many more events in one pipelined write just before the kill, so that the
+    replica is likely still behind when the master dies: what asynchronous replication loses."""
     rs = redis_sentinel
     handle: GatewayHandle = await gateway_factory(redis_url=None, **sentinel_settings(rs))
     topology = SentinelMaster(tuple(("127.0.0.1", s.port) for s in rs.sentinels), MASTER_NAME)
@@ -116,6 +124,18 @@ async def test_gateway_follows_a_sentinel_failover_while_events_are_published(
         for seq in range(before_kill):
             await trio.sleep_until(start + seq / rate)
             await publish(seq)
+        if burst:
+            async with client.pipeline(transaction=False) as pipe:
+                for n in range(burst):
+                    xadd_capped(pipe, STREAM, {"data": encode_envelope(numbered("ROUND_PENDING", before_kill + n,
+                                                                                table_id=5))}, STREAM_MAXLEN)
+            acked.extend(range(before_kill, before_kill + burst))  # every reply was an id
+            before_kill += burst
+        # How far the replica was behind just before the kill (bytes of the replication stream).
+        master_offset = info_field(await command(old_port, "INFO", "replication"), "master_repl_offset")
+        assert rs.replica.port is not None
+        lag = max(0, master_offset - info_field(await command(rs.replica.port, "INFO", "replication"),
+                                                "slave_repl_offset"))
         await trio.to_thread.run_sync(rs.master.kill)  # SIGKILL, mid-stream
         kill_at = trio.current_time()
 
@@ -145,7 +165,7 @@ async def test_gateway_follows_a_sentinel_failover_while_events_are_published(
     print(f"\nsentinel failover: published={len(acked)} (seq 0..{last}) failed_write_attempts={failed_attempts} "
           f"delivered={len(delivered)} lost={len(lost)} {lost[:20]} duplicates={duplicates} "
           f"stream_len_on_new_master={stream_len} promotion_after={promoted_at - kill_at:.1f}s "
-          f"killed_at_seq={before_kill}")
+          f"killed_at_seq={before_kill} burst={burst} replica_lag_before_kill={lag}B")
     assert old_port != new_port
     # Only what was published around the kill can be lost (writes the replica had not received);
     # everything published once the replica was promoted is delivered.

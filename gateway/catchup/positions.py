@@ -241,7 +241,16 @@ class PositionStore:
         for node, numbers in by_node.items():
             conn = self._conns.get(node)
             if conn is None:
-                conn = self._conns[node] = await topology.connect(calls[numbers[0]][0][1])
+                key = calls[numbers[0]][0][1]
+                conn = await topology.connect(key)
+                # Named after the map the connection was opened with (a cluster's map is read
+                # again at every connection), not the older one the batch was grouped with.
+                fresh = await topology.node_of(key)
+                if fresh in self._conns:
+                    await conn.aclose()
+                    conn = self._conns[fresh]
+                else:
+                    self._conns[fresh] = conn
             try:
                 answers = await conn.call(*(resp.encode("EVALSHA", _sha(script), len(calls[n][0]), *calls[n][0],
                                                         *calls[n][1]) for n in numbers))
