@@ -4,6 +4,7 @@ the hash-slot arithmetic the cluster keys rely on agrees with Redis'."""
 from __future__ import annotations
 
 import pytest
+from test_cli import clean_env, run
 
 from gateway.core.cluster import hash_tag, key_slot, parse_nodes, tagged
 from gateway.redisio.topology import Cluster, SentinelMaster, Standalone, topology_of
@@ -88,3 +89,15 @@ def test_each_setting_picks_its_topology_and_dead_letter_stream() -> None:
         == "{events:critical}:dead"
     assert isinstance(topology_of(settings(), "redis://x"), Standalone)
     assert settings().dead_letter_stream == "events:dlq"
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"REDIS_SENTINELS": "10.0.0.1"}, "REDIS_SENTINELS"),
+    ({"REDIS_SENTINELS": "10.0.0.1:26379"}, "REDIS_SENTINEL_MASTER"),
+    ({"REDIS_CLUSTER_NODES": "n1:7000", "REDIS_SENTINEL_PASSWORD": "not-for-a-cluster"}, "REDIS_SENTINEL_PASSWORD"),
+])
+def test_gateway_serve_exits_2_naming_the_variable(env: dict[str, str], named: str) -> None:
+    result = run("serve", "--host", "127.0.0.1", env=clean_env(ENVIRONMENT="development", **env))
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr
+    assert "not-for-a-cluster" not in result.stderr
