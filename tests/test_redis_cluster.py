@@ -175,3 +175,44 @@ async def test_a_gateway_started_while_the_cluster_is_down_starts_once_a_node_an
             if isinstance(frame, dict) and "entity" in frame:
                 break
             seq += 1
+
+
+async def test_the_stream_reader_follows_its_slot_to_another_master(
+    redis_cluster: ClusterSet, gateway_factory: Any
+) -> None:
+    """Resharding: the slot of ``events:critical`` (with the stream, its consumer groups and its
+    dead letters) moves to another master; the reader's next command gets MOVED, and its new
+    connection goes where the slot map now says."""
+    rc = redis_cluster
+    handle = await start(gateway_factory, rc)
+    admin = await handle.connect("admin", handle.staff_token(roles=("ADMIN",)))
+    await handle.connected(1)
+    await xadd(rc, encode_envelope(numbered(1)))
+    assert (await receive(admin, 1))[0]["entity"]["seq"] == 1
+    slot = key_slot(STREAM)
+    source = await rc.port_of(STREAM)
+    target = next(p for p in rc.ports if p != source)
+    ids = {p: resp_text(await command(p, "CLUSTER", "MYID")) for p in rc.ports}
+    await command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    await command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    keys = await command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+    assert STREAM.encode() in keys
+    await command(source, "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+    for port in rc.ports:
+        await command(port, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    assert await command(target, "XLEN", STREAM) >= 1
+    with trio.fail_after(20):
+        seq = 2
+        while True:
+            await xadd(rc, encode_envelope(numbered(seq)))
+            frame = await admin.receive(0.5)
+            if isinstance(frame, dict) and "entity" in frame:
+                break
+            seq += 1
+    # The instance's group moved with the stream and goes on there.
+    groups = await command(target, "XINFO", "GROUPS", STREAM)
+    assert handle.settings.consumer_group in [resp_text(g[1]) for g in groups]
+
+
+def resp_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
