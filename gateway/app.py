@@ -248,7 +248,7 @@ async def run_gateway(settings: Settings, *, task_status: trio.TaskStatus[Gatewa
             url = await root.start(functools.partial(run_embedded_redis, data_dir=settings.redis_data_dir))
             log.info("embedded redis-server started")
         topology = topology_of(settings, url)
-        log.info("redis", extra={"redis": topology.describe()})
+        log.info("redis deployment", extra={"redis": topology.describe()})
         await _serve(settings, topology, task_status)
         root.cancel_scope.cancel()
 
