@@ -16,25 +16,21 @@ from typing import Any
 
 import attrs
 
+from gateway import settings_values as _values
 from gateway.core.clientip import parse_networks
 from gateway.core.cluster import key_slot, tagged
 from gateway.core.credentials import Credentials
 from gateway.settings_values import (
-    Parser,
-    check_range,
-    convert,
-    parse_bool,
-    parse_level,
-    parse_list,
-    parse_nodes,
-    parse_optional_port,
-    parse_optional_str,
-    parse_redis_url,
-)
-from gateway.settings_values import (
     SettingsError as SettingsError,  # re-exported: callers know it here
 )
 from gateway.settings_values import redact_url_password as redact_url_password
+
+# The parsers keep the names they had when they were defined here.
+_Parser = _values.Parser
+_check_range, _convert = _values.check_range, _values.convert
+_parse_bool, _parse_level, _parse_list = _values.parse_bool, _values.parse_level, _values.parse_list
+_parse_nodes, _parse_optional_port = _values.parse_nodes, _values.parse_optional_port
+_parse_optional_str, _parse_redis_url = _values.parse_optional_str, _values.parse_redis_url
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
@@ -46,13 +42,12 @@ LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-
 def setting(
     default: Any,
     env: str,
     help: str,
     *,
-    parse: Parser | None = None,
+    parse: _Parser | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
@@ -91,18 +86,18 @@ class Settings:
     production_check: bool = setting(
         False, "PRODUCTION_CHECK",
         "Set on production hosts: disables the development bypass for a missing Origin header (D2).",
-        parse=parse_bool,
+        parse=_parse_bool,
     )
     allowed_origins: tuple[str, ...] = setting(
         (), "ALLOWED_ORIGINS",
         "Comma-separated exact Origin allow-list (WebSocket and CORS). Required outside development; "
         "empty in development: the 18 development origins and their https:// forms.",
-        parse=parse_list,
+        parse=_parse_list,
     )
     trusted_proxies: tuple[str, ...] = setting(
         (), "GATEWAY_TRUSTED_PROXIES",
         "Comma-separated addresses/networks of reverse proxies whose X-Forwarded-For is believed. Empty: none.",
-        parse=parse_list,
+        parse=_parse_list,
     )
     admin_host: str = setting(
         "127.0.0.1", "GATEWAY_ADMIN_HOST", "Address of the internal operations listener (see GATEWAY_ADMIN_PORT).",
@@ -111,7 +106,7 @@ class Settings:
         None, "GATEWAY_ADMIN_PORT",
         "Serve /ws/metrics, /ws/health/detailed and /ws/publish only on this internal port (404 on the public "
         "one). Unset: every route on the public port.",
-        parse=parse_optional_port, minimum=0, maximum=65535,
+        parse=_parse_optional_port, minimum=0, maximum=65535,
     )
     max_pending_connections: int = setting(
         4096, "WS_MAX_PENDING_CONNECTIONS",
@@ -203,7 +198,7 @@ class Settings:
     )
     direct_write: bool = setting(
         True, "GATEWAY_DIRECT_WRITE",
-        "Write a frame straight to an idle socket instead of waking its writer task.", parse=parse_bool,
+        "Write a frame straight to an idle socket instead of waking its writer task.", parse=_parse_bool,
     )
     dedup_window: float = setting(
         10.0, "GATEWAY_DEDUP_WINDOW", "Seconds within which copies of one logical event are delivered once (D10).",
@@ -217,37 +212,37 @@ class Settings:
     # --- Redis ---------------------------------------------------------------------------------
     redis_url: str | None = setting(
         None, "REDIS_URL", "Redis to use (redis://, rediss://, unix://). Unset: start a private redis-server child (D18).",
-        parse=parse_redis_url,
+        parse=_parse_redis_url,
     )
     redis_sentinels: tuple[tuple[str, int], ...] = setting(
         (), "REDIS_SENTINELS",
         "Comma-separated host:port of Redis Sentinels (instead of REDIS_URL); the gateway follows the "
-        "master they name, with REDIS_SENTINEL_MASTER.", parse=parse_nodes,
+        "master they name, with REDIS_SENTINEL_MASTER.", parse=_parse_nodes,
     )
     redis_sentinel_master: str | None = setting(
         None, "REDIS_SENTINEL_MASTER", "Name of the master the sentinels monitor (`sentinel monitor <name> ...`).",
-        parse=parse_optional_str,
+        parse=_parse_optional_str,
     )
     redis_sentinel_password: str | None = setting(
         None, "REDIS_SENTINEL_PASSWORD", "Password of the sentinels themselves (their requirepass), if any.",
-        parse=parse_optional_str, secret=True,
+        parse=_parse_optional_str, secret=True,
     )
     redis_cluster_nodes: tuple[tuple[str, int], ...] = setting(
         (), "REDIS_CLUSTER_NODES",
         "Comma-separated host:port of some Redis Cluster nodes (instead of REDIS_URL); the rest is discovered.",
-        parse=parse_nodes,
+        parse=_parse_nodes,
     )
     redis_username: str | None = setting(
         None, "REDIS_USERNAME", "ACL user of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES.",
-        parse=parse_optional_str,
+        parse=_parse_optional_str,
     )
     redis_password: str | None = setting(
         None, "REDIS_PASSWORD", "Password of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES "
-        "(REDIS_URL carries its own).", parse=parse_optional_str, secret=True,
+        "(REDIS_URL carries its own).", parse=_parse_optional_str, secret=True,
     )
     redis_data_dir: str | None = setting(
         None, "GATEWAY_REDIS_DATA_DIR", "Embedded Redis only: keep its data here (AOF on). Unset: nothing on disk.",
-        parse=parse_optional_str,
+        parse=_parse_optional_str,
     )
     instance_id: str = setting(
         None, "GATEWAY_INSTANCE_ID",
@@ -258,7 +253,7 @@ class Settings:
     dlq_stream: str | None = setting(
         None, "GATEWAY_DLQ_STREAM",
         "Dead-letter stream. Default: `events:dlq`; on a cluster `{<stream>}:dlq`, since it must share the stream's slot.",
-        parse=parse_optional_str,
+        parse=_parse_optional_str,
     )
     group_prefix: str = setting(
         "ws_gateway_group", "GATEWAY_GROUP_PREFIX", "Consumer groups are named `<prefix>:<instance id>`.",
@@ -323,7 +318,7 @@ class Settings:
     database_url: str | None = setting(
         None, "DATABASE_URL",
         "PostgreSQL with the table waiter_sector_assignment; unset: the database sector source is off.",
-        parse=parse_optional_str, secret=True,
+        parse=_parse_optional_str, secret=True,
     )
     sector_timezone: str = setting(
         "UTC", "GATEWAY_SECTOR_TIMEZONE", "Time zone whose local date selects today's sector assignments.",
@@ -339,13 +334,13 @@ class Settings:
     # --- operations ----------------------------------------------------------------------------
     publish_token: str | None = setting(
         None, "GATEWAY_PUBLISH_TOKEN", "Bearer token of POST /ws/publish. Unset: the endpoint is off.",
-        parse=parse_optional_str, secret=True,
+        parse=_parse_optional_str, secret=True,
     )
     console_enabled: bool = setting(
         False, "GATEWAY_CONSOLE",
         "Serve the live console at /ws/console outside development (always on in development); with "
         "GATEWAY_ADMIN_PORT set, on the internal listener only.",
-        parse=parse_bool,
+        parse=_parse_bool,
     )
     drain_period: float = setting(
         3.0, "GATEWAY_DRAIN_PERIOD",
@@ -356,7 +351,7 @@ class Settings:
         10.0, "GATEWAY_SHUTDOWN_TIMEOUT", "Seconds a shutdown may take (drain included) before remaining sockets are dropped.",
         minimum=0.1, maximum=3600,
     )
-    log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=parse_level, choices=LOG_LEVELS)
+    log_level: str = setting("INFO", "LOG_LEVEL", "Log level.", parse=_parse_level, choices=LOG_LEVELS)
     log_format: str = setting(
         "auto", "LOG_FORMAT", "json, text, or auto (text in development, JSON elsewhere).", choices=LOG_FORMATS,
     )
@@ -375,19 +370,19 @@ class Settings:
         for field in attrs.fields(cls):
             env = field.metadata["env"]
             if env in environ:
-                values[field.name] = convert(field, environ[env], env)
+                values[field.name] = _convert(field, environ[env], env)
         for name, raw in overrides.items():
             if raw is None:
                 continue
             field = getattr(attrs.fields(cls), name)
-            values[name] = convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
+            values[name] = _convert(field, raw, "--" + name.replace("_", "-")) if isinstance(raw, str) else raw
         settings = cls(**values)
         settings.check(serving=serving)
         return settings
 
     def check(self, *, serving: bool = True) -> None:
         for field in attrs.fields(type(self)):
-            check_range(field, getattr(self, field.name), field.metadata["env"])
+            _check_range(field, getattr(self, field.name), field.metadata["env"])
         if serving and self.environment != "development":
             self._check_production()
         try:
