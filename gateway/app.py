@@ -51,9 +51,9 @@ from gateway.fanout.positioner import Positioner
 from gateway.ingest.pubsub import PubSubReader
 from gateway.ingest.readers import StreamConsumer, StreamSettings
 from gateway.metrics import Metrics
-from gateway.redisio.client import make_client
 from gateway.redisio.embedded import run_embedded_redis
 from gateway.redisio.guards import RedisGuards, RedisHealth
+from gateway.redisio.topology import Standalone, Topology, topology_of
 from gateway.serving.appender import StreamAppender
 from gateway.serving.catchup_http import CatchupRoutes
 from gateway.serving.connection import Connection
@@ -124,21 +124,22 @@ class Gateway:
         self.stop_requested.set()
 
 
-def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = None) -> Gateway:
-    """Wire every component of a gateway, each with only what it uses (``url``: Redis, for the
-    readers' own connections)."""
+def build(settings: Settings, redis: coredis.Redis[bytes], topology: Topology | None = None) -> Gateway:
+    """Wire every component of a gateway, each with only what it uses (``topology``: where the
+    hot paths open their own Redis connections; None: everything through ``redis``)."""
+    clustered = topology is not None and topology.clustered
     metrics = Metrics()
     trusted = parse_networks(settings.trusted_proxies)
     registry = SocketRegistry(PendingConnections(settings.max_pending_connections, settings.max_pending_per_ip,
                                                  exempt=trusted))
     health = RedisHealth(metrics)
     guards = RedisGuards.build(settings, health, trio.current_time)
-    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events)
+    catchup = CatchupStore(redis, guards.catchup, settings.catchup_window, settings.catchup_max_events, clustered)
     # Every event is appended before fan-out (its v2 frame carries the entry's id), so the
     # broadcaster appends nothing itself; the store holds the larger of both windows.
     window = max(settings.resume_window, settings.catchup_window)
     positions = PositionStore(redis, guards.catchup, window, max(settings.resume_max_events, settings.catchup_max_events),
-                              ttl=int(settings.resume_ttl), dedup_ttl=int(window) + 1, url=url)
+                              ttl=int(settings.resume_ttl), dedup_ttl=int(window) + 1, topology=topology)
     positioner = Positioner(positions, Deduper(settings.dedup_window, settings.dedup_ts_tolerance))
     broadcaster = Broadcaster(
         index=registry.index,
@@ -146,16 +147,17 @@ def build(settings: Settings, redis: coredis.Redis[bytes], url: str | None = Non
         deduper=Deduper(settings.dedup_window, settings.dedup_ts_tolerance),
     )
     sectors = SectorSource(redis, SectorSettings.of(settings))
-    revocation = Revocation(redis, guards.auth, url=url)
+    # Its MGET spans slots; on a cluster or behind sentinels coredis routes it and follows failovers.
+    revocation = Revocation(redis, guards.auth, url=topology.url if isinstance(topology, Standalone) else None)
     # Only a development gateway falls back to the built-in list; the console it serves connects
     # from the gateway's own origin.
     origins = allowed_origins(settings.allowed_origins, settings.port if settings.environment == "development" else None)
     credentials = settings.credentials()
     admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
-    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, url=url)
+    stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, topology=topology)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
-                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), url=url)
+                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), topology=topology)
     status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),
@@ -191,14 +193,13 @@ async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
                                                   admin, handler_nursery=conns))
 
 
-async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
-    client = make_client(url)
-    async with client, trio.open_nursery() as services:
+async def _serve(settings: Settings, topology: Topology, task_status: trio.TaskStatus[Gateway]) -> None:
+    async with topology.client() as client, trio.open_nursery() as services:
         # A job carries up to JOB_EVENTS events: the channel holds as many events as the setting says.
         per_job = min(JOB_EVENTS, settings.broadcast_queue_size)
         send, receive = trio.open_memory_channel[Job](max(1, settings.broadcast_queue_size // per_job))
         placed, to_dispatch = trio.open_memory_channel[Job](max(1, ASSIGN_CHUNK // per_job))
-        gw = build(settings, client, url)
+        gw = build(settings, client, topology)
         # Readers -> positioner (appends each batch to the store, one round trip) -> one
         # dispatcher: dispatch is synchronous CPU work, so a second task would add no
         # throughput, and two woken workers may run in either order, which would reorder events.
@@ -243,10 +244,12 @@ async def run_gateway(settings: Settings, *, task_status: trio.TaskStatus[Gatewa
     """Run a gateway until ``gateway.request_stop()``; reports the running Gateway via task_status."""
     async with trio.open_nursery() as root:
         url = settings.redis_url
-        if url is None:
+        if url is None and not (settings.redis_sentinels or settings.redis_cluster_nodes):
             url = await root.start(functools.partial(run_embedded_redis, data_dir=settings.redis_data_dir))
             log.info("embedded redis-server started")
-        await _serve(settings, url, task_status)
+        topology = topology_of(settings, url)
+        log.info("redis deployment", extra={"redis": topology.describe()})
+        await _serve(settings, topology, task_status)
         root.cancel_scope.cancel()
 
 

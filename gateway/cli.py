@@ -242,10 +242,10 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         with trio.fail_after(PUBLISH_TIMEOUT):
             async with client:
                 if args.action == "list":
-                    letters = await list_dead_letters(client, settings.dlq_stream, count=args.count)
+                    letters = await list_dead_letters(client, settings.dead_letter_stream, count=args.count)
                     return [json.dumps(d.as_dict(), ensure_ascii=False) for d in letters]
                 ids = None if args.all else args.ids
-                replayed = await replay_dead_letters(client, settings.dlq_stream, settings.stream, ids)
+                replayed = await replay_dead_letters(client, settings.dead_letter_stream, settings.stream, ids)
                 return [f"replayed {entry_id} to {settings.stream}" for entry_id in replayed]
 
     if args.action == "replay" and not args.all and not args.ids:

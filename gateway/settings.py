@@ -16,8 +16,21 @@ from typing import Any
 
 import attrs
 
+from gateway import settings_values as _values
 from gateway.core.clientip import parse_networks
+from gateway.core.cluster import key_slot, tagged
 from gateway.core.credentials import Credentials
+from gateway.settings_values import (
+    SettingsError as SettingsError,  # re-exported: callers know it here
+)
+from gateway.settings_values import redact_url_password as redact_url_password
+
+# The parsers keep the names they had when they were defined here.
+_Parser = _values.Parser
+_check_range, _convert = _values.check_range, _values.convert
+_parse_bool, _parse_level, _parse_list = _values.parse_bool, _values.parse_level, _values.parse_list
+_parse_nodes, _parse_optional_port = _values.parse_nodes, _values.parse_optional_port
+_parse_optional_str, _parse_redis_url = _values.parse_optional_str, _values.parse_redis_url
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
@@ -27,50 +40,6 @@ MIN_SECRET_BYTES = 32
 ENVIRONMENTS = ("development", "test", "staging", "production")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-class SettingsError(ValueError):
-    """An invalid setting. The message names the environment variable (or flag)."""
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
-
-
-def _parse_list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _parse_optional_str(raw: str) -> str | None:
-    return raw.strip() or None
-
-
-def _parse_redis_url(raw: str) -> str | None:
-    url = raw.strip()
-    if not url:
-        return None
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must start with redis://, rediss:// or unix://")
-    return url
-
-
-def _parse_optional_port(raw: str) -> int | None:
-    return int(raw.strip()) if raw.strip() else None
-
-
-def _parse_level(raw: str) -> str:
-    return raw.strip().upper()
-
-
-_Parser = Callable[[str], Any]
 
 
 def setting(
@@ -245,6 +214,32 @@ class Settings:
         None, "REDIS_URL", "Redis to use (redis://, rediss://, unix://). Unset: start a private redis-server child (D18).",
         parse=_parse_redis_url,
     )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        (), "REDIS_SENTINELS",
+        "Comma-separated host:port of Redis Sentinels (instead of REDIS_URL); the gateway follows the "
+        "master they name, with REDIS_SENTINEL_MASTER.", parse=_parse_nodes,
+    )
+    redis_sentinel_master: str | None = setting(
+        None, "REDIS_SENTINEL_MASTER", "Name of the master the sentinels monitor (`sentinel monitor <name> ...`).",
+        parse=_parse_optional_str,
+    )
+    redis_sentinel_password: str | None = setting(
+        None, "REDIS_SENTINEL_PASSWORD", "Password of the sentinels themselves (their requirepass), if any.",
+        parse=_parse_optional_str, secret=True,
+    )
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = setting(
+        (), "REDIS_CLUSTER_NODES",
+        "Comma-separated host:port of some Redis Cluster nodes (instead of REDIS_URL); the rest is discovered.",
+        parse=_parse_nodes,
+    )
+    redis_username: str | None = setting(
+        None, "REDIS_USERNAME", "ACL user of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES.",
+        parse=_parse_optional_str,
+    )
+    redis_password: str | None = setting(
+        None, "REDIS_PASSWORD", "Password of the data nodes with REDIS_SENTINELS or REDIS_CLUSTER_NODES "
+        "(REDIS_URL carries its own).", parse=_parse_optional_str, secret=True,
+    )
     redis_data_dir: str | None = setting(
         None, "GATEWAY_REDIS_DATA_DIR", "Embedded Redis only: keep its data here (AOF on). Unset: nothing on disk.",
         parse=_parse_optional_str,
@@ -255,7 +250,11 @@ class Settings:
         factory=_hostname,
     )
     stream: str = setting("events:critical", "GATEWAY_STREAM", "Stream of critical events.")
-    dlq_stream: str = setting("events:dlq", "GATEWAY_DLQ_STREAM", "Dead-letter stream.")
+    dlq_stream: str | None = setting(
+        None, "GATEWAY_DLQ_STREAM",
+        "Dead-letter stream. Default: `events:dlq`; on a cluster `{<stream>}:dlq`, since it must share the stream's slot.",
+        parse=_parse_optional_str,
+    )
     group_prefix: str = setting(
         "ws_gateway_group", "GATEWAY_GROUP_PREFIX", "Consumer groups are named `<prefix>:<instance id>`.",
     )
@@ -396,6 +395,28 @@ class Settings:
             raise SettingsError(f"GATEWAY_SECTOR_TIMEZONE: unknown time zone {self.sector_timezone!r}") from None
         if not self.instance_id or any(c.isspace() for c in self.instance_id):
             raise SettingsError("GATEWAY_INSTANCE_ID: must be a non-empty name without spaces")
+        self._check_redis()
+
+    def _check_redis(self) -> None:
+        """One way to reach Redis, complete, with credentials only where they are used."""
+        chosen = [name for name, value in (("REDIS_URL", self.redis_url), ("REDIS_SENTINELS", self.redis_sentinels),
+                                           ("REDIS_CLUSTER_NODES", self.redis_cluster_nodes)) if value]
+        if len(chosen) > 1:
+            raise SettingsError(f"{chosen[1]}: set only one of REDIS_URL, REDIS_SENTINELS and REDIS_CLUSTER_NODES")
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            missing = "REDIS_SENTINEL_MASTER" if self.redis_sentinels else "REDIS_SENTINELS"
+            raise SettingsError(f"{missing}: REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together")
+        if self.redis_sentinel_password and not self.redis_sentinels:
+            raise SettingsError("REDIS_SENTINEL_PASSWORD: only used with REDIS_SENTINELS")
+        for name, value in (("REDIS_USERNAME", self.redis_username), ("REDIS_PASSWORD", self.redis_password)):
+            if value and not (self.redis_sentinels or self.redis_cluster_nodes):
+                raise SettingsError(f"{name}: only used with REDIS_SENTINELS or REDIS_CLUSTER_NODES "
+                                    "(REDIS_URL carries its own credentials)")
+        if self.redis_username and not self.redis_password:
+            raise SettingsError("REDIS_USERNAME: needs REDIS_PASSWORD")
+        if self.redis_cluster_nodes and key_slot(self.dead_letter_stream) != key_slot(self.stream):
+            raise SettingsError(f"GATEWAY_DLQ_STREAM: on a cluster it must share the slot of {self.stream!r} "
+                                f"(dead letters and acknowledgements go in one write), e.g. {tagged(self.stream)}:dlq")
 
     def _check_production(self) -> None:
         """Outside development a gateway never starts on a secret anyone could know or guess."""
@@ -432,6 +453,12 @@ class Settings:
         return self.environment == "development" and not self.production_check
 
     @property
+    def dead_letter_stream(self) -> str:
+        if self.dlq_stream is not None:
+            return self.dlq_stream
+        return f"{tagged(self.stream)}:dlq" if self.redis_cluster_nodes else "events:dlq"
+
+    @property
     def consumer_group(self) -> str:
         return f"{self.group_prefix}:{self.instance_id}"
 
@@ -446,48 +473,6 @@ class Settings:
                 value = redact_url_password(value)
             out[field.name] = value
         return out
-
-
-def redact_url_password(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
-
-
-def _convert(field: attrs.Attribute[Any], raw: str, name: str) -> Any:
-    parse: _Parser | None = field.metadata["parse"]
-    if parse is None:
-        parse = {"int": int, "float": float}.get(str(field.type), str)
-    try:
-        value = parse(raw.strip() if parse in (int, float) else raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name}: invalid value {_shown(field, raw)}: {exc}") from None
-    _check_range(field, value, name)
-    return value
-
-
-def _shown(field: attrs.Attribute[Any], raw: str) -> str:
-    # A URL may carry a password even when it is malformed.
-    return "(hidden)" if field.metadata["secret"] or field.name == "redis_url" else repr(raw)
-
-
-def _check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
-    meta = field.metadata
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise SettingsError(f"{name}: must be a finite number")
-        if meta["minimum"] is not None and value < meta["minimum"]:
-            raise SettingsError(f"{name}: {value} is below the minimum {meta['minimum']}")
-        if meta["maximum"] is not None and value > meta["maximum"]:
-            raise SettingsError(f"{name}: {value} is above the maximum {meta['maximum']}")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
 
 
 def settings_fields() -> tuple[attrs.Attribute[Any], ...]:

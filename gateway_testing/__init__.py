@@ -7,13 +7,23 @@ Install with ``pip install 'gateway[testing]'``; once enabled, the fixtures are:
 - ``redis_url``: its URL, with the database flushed before each test;
 - ``gateway``: a running gateway on a free port (function scope), a :class:`GatewayHandle`;
 - ``gateway_factory``: start gateways with custom settings, ``await gateway_factory(heartbeat_timeout=2)``;
+- ``redis_sentinel`` / ``redis_cluster``: a master with a replica and three sentinels, or a
+  three-master cluster, of the test's own (``gateway_testing.topologies``);
 - ``publisher``: writes events the way the backend does (stream and channels);
 - token factories and a WebSocket client factory on the handle: ``await gw.connect("waiter", token)``.
 
 Async tests run under Trio (``trio_mode = true`` in the pytest configuration).
 """
 
-from gateway_testing.fixtures import gateway, gateway_factory, publisher, redis_server, redis_url
+from gateway_testing.fixtures import (
+    gateway,
+    gateway_factory,
+    publisher,
+    redis_cluster,
+    redis_sentinel,
+    redis_server,
+    redis_url,
+)
 from gateway_testing.handle import (
     GatewayHandle,
     running_gateway,
@@ -34,6 +44,8 @@ __all__ = [
     "gateway_factory",
     "now_iso",
     "publisher",
+    "redis_cluster",
+    "redis_sentinel",
     "redis_server",
     "redis_url",
     "running_gateway",

@@ -15,8 +15,9 @@ from gateway.redisio.embedded import RedisProcess
 from gateway.redisio.embedded_config import RedisConfig
 from gateway_testing.handle import GatewayHandle, test_settings
 from gateway_testing.publisher import Publisher
+from gateway_testing.topologies import ClusterSet, SentinelSet
 
-__all__ = ["gateway", "gateway_factory", "publisher", "redis_server", "redis_url"]
+__all__ = ["gateway", "gateway_factory", "publisher", "redis_cluster", "redis_sentinel", "redis_server", "redis_url"]
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,26 @@ async def redis_url(redis_server: str) -> AsyncIterator[str]:
     async with client:
         await client.flushall()
     yield redis_server
+
+
+@pytest.fixture
+async def redis_sentinel() -> AsyncIterator[SentinelSet]:
+    """A master, a replica and three sentinels of their own (function scope: tests kill the master)."""
+    made = await SentinelSet.start()
+    try:
+        yield made
+    finally:
+        await trio.to_thread.run_sync(made.close)
+
+
+@pytest.fixture
+async def redis_cluster() -> AsyncIterator[ClusterSet]:
+    """A Redis Cluster of three masters of its own (function scope)."""
+    made = await ClusterSet.start()
+    try:
+        yield made
+    finally:
+        await trio.to_thread.run_sync(made.close)
 
 
 @pytest.fixture

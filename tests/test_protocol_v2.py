@@ -109,6 +109,25 @@ async def test_v2_frames_carry_positions_and_v1_frames_do_not(gateway: GatewayHa
     assert {k.decode() for k in keys} == {"gw:catchup:1:0", "gw:catchup:1:2"}
 
 
+async def test_positions_are_appended_by_sha_and_survive_a_flushed_script_cache(
+    gateway: GatewayHandle, publisher: Publisher
+) -> None:
+    v2 = await v2_socket(gateway)
+    await gateway.connected(1)
+    await publisher.stream_event(numbered(1))
+    first = await v2.receive()
+    await publisher._run(lambda c: c.script_flush())  # as after a restart or a failover
+    await publisher.stream_event(numbered(2))
+    await publisher.stream_event(numbered(3))
+    later = [await v2.receive(), await v2.receive()]
+    await publisher.stream_event(numbered(4))  # the script is cached again by now
+    later.append(await v2.receive())
+    assert [f["entity"]["seq"] for f in [first, *later]] == [1, 2, 3, 4]
+    assert all("_pos" in f for f in [first, *later])
+    stats = await publisher._run(lambda c: c.info("commandstats"))
+    assert stats["cmdstat_evalsha"]["calls"] >= 1  # the script's text is not sent with every batch
+
+
 # --- resume (D20) ------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The positions of protocol v2 (D20): each event appended once to its stream *before* fan-out.
 
-Every delivered event is appended to ``gw:catchup:{tenant}:{branch}`` (``branch`` 0 for events to
+Every delivered event is appended to ``gw:catchup:<tenant>:<branch>`` (``branch`` 0 for events to
 a whole tenant) by one Lua call per batch, before its frames are encoded: the v2 frame carries
 the entry's id. A guard key per event (``SET`` once, holding the id) makes every instance get the
 same id for the same event whoever appended it. Each stream has an epoch key, replaced whenever
@@ -14,6 +14,7 @@ and its epoch key expire ``ttl`` seconds after the last append.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -23,6 +24,7 @@ from typing import Any
 import attrs
 import coredis
 import trio
+from coredis.exceptions import NoScriptError
 
 from gateway.catchup.store import catchup_key
 from gateway.core.model import Event
@@ -37,6 +39,7 @@ from gateway.core.positions import (
 from gateway.redisio import resp
 from gateway.redisio.client import is_redis_failure
 from gateway.redisio.guards import RedisGuard
+from gateway.redisio.topology import Topology
 
 log = logging.getLogger("gateway.positions")
 
@@ -98,6 +101,13 @@ if stop ~= '+' then stop = '(' .. stop end
 return {'ok', maxdel, last, redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], stop, 'COUNT', ARGV[4])}
 """
 
+@functools.cache
+def _sha(script: str) -> str:
+    """The script's SHA1, as ``EVALSHA`` names it: the script's text (1.3 kB for the append) is
+    sent once per server, not with every batch of every instance."""
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 #: Events per assignment call: bounds the time Redis spends in one script.
 ASSIGN_CHUNK = 200
 #: How long one assignment may take before its events go out without positions.
@@ -105,8 +115,13 @@ ASSIGN_TIMEOUT = 1.0
 READ_TIMEOUT = 2.0
 
 
-def epoch_key(tenant_id: int, branch_id: int) -> str:
-    return f"gw:catchup:epoch:{tenant_id}:{branch_id}"
+def epoch_key(tenant_id: int, branch_id: int, *, tagged: bool = False) -> str:
+    return f"gw:catchup:epoch:{{{tenant_id}:{branch_id}}}" if tagged else f"gw:catchup:epoch:{tenant_id}:{branch_id}"
+
+
+def guard_key(tenant_id: int, branch_id: int, digest: str, *, tagged: bool = False) -> str:
+    # Untagged, the guard names no branch: an event goes to one stream, so the name is unique anyway.
+    return f"gw:catchup:pos:{{{tenant_id}:{branch_id}}}:{digest}" if tagged else f"gw:catchup:pos:{tenant_id}:{digest}"
 
 
 def _text(value: Any) -> str:
@@ -134,11 +149,17 @@ class PositionStore:
     dedup_ttl: int
     #: Streams whose appends failed: their next append starts a new epoch.
     gaps: set[tuple[int, int]] = attrs.Factory(set)
-    #: Where appends go on a connection of the store's own (``gateway.redisio.resp``: one append
-    #: round trip per batch on the hot path); None, or a URL that module does not serve (TLS):
-    #: through coredis.
-    url: str | None = None
-    _conn: resp.RespConnection | None = None
+    #: Where appends go on connections of the store's own (``gateway.redisio.resp``: one append
+    #: round trip per batch and node on the hot path); None, or a deployment that module does not
+    #: serve (TLS): through coredis. On a cluster (``topology.clustered``) every stream's keys
+    #: share a hash tag, and a batch is one script call per stream, sent to its node.
+    topology: Topology | None = None
+    #: Open connections by node (None: the one master).
+    _conns: dict[str | None, resp.RespConnection] = attrs.Factory(dict)
+
+    @property
+    def tagged(self) -> bool:
+        return self.topology is not None and self.topology.clustered
 
     async def assign(self, events: Sequence[Event]) -> list[Position | None]:
         """Append ``events`` (once across instances) and return their positions, in order.
@@ -172,46 +193,83 @@ class PositionStore:
         return out
 
     async def _assign_chunk(self, events: Sequence[Event]) -> list[Position | None]:
-        keys: list[str] = []
-        args: list[str | bytes | int] = [self.dedup_ttl, self.ttl, self.max_events, int(self.window * 1000),
-                                         secrets.token_hex(4)]
-        resets: list[tuple[int, int]] = []
-        for event in events:
-            tenant, branch = event.tenant_id, max(event.branch_id, 0)
-            digest = hashlib.blake2b(event.frame_payload, digest_size=16).hexdigest()
-            keys += [f"gw:catchup:pos:{tenant}:{digest}", catchup_key(tenant, branch), epoch_key(tenant, branch)]
-            reset = (tenant, branch) in self.gaps
-            if reset:
-                resets.append((tenant, branch))
-            args += [event.frame_payload, "1" if reset else "0"]
-        reply = await self._eval(_ASSIGN, keys, args)
-        self.gaps.difference_update(resets)
-        assert isinstance(reply, list)
-        out: list[Position | None] = []
+        # One script call per group of events whose keys share a slot: all of them on one server,
+        # one per stream on a cluster.
+        tagged = self.tagged
+        groups: dict[tuple[int, int] | None, list[int]] = {}
         for i, event in enumerate(events):
-            sid = parse_stream_id(_text(reply[2 * i]))
-            epoch = _text(reply[2 * i + 1])
-            if sid is None:
-                out.append(None)
-                continue
-            out.append(Position(stream_name(event.tenant_id, event.branch_id), sid, make_offset(epoch, sid)))
+            groups.setdefault((event.tenant_id, max(event.branch_id, 0)) if tagged else None, []).append(i)
+        fresh = secrets.token_hex(4)
+        resets: list[tuple[int, int]] = []
+        calls: list[tuple[list[int], list[str], list[str | bytes | int]]] = []
+        for indexes in groups.values():
+            keys: list[str] = []
+            args: list[str | bytes | int] = [self.dedup_ttl, self.ttl, self.max_events, int(self.window * 1000), fresh]
+            for i in indexes:
+                event = events[i]
+                tenant, branch = event.tenant_id, max(event.branch_id, 0)
+                digest = hashlib.blake2b(event.frame_payload, digest_size=16).hexdigest()
+                keys += [guard_key(tenant, branch, digest, tagged=tagged), catchup_key(tenant, branch, tagged=tagged),
+                         epoch_key(tenant, branch, tagged=tagged)]
+                reset = (tenant, branch) in self.gaps
+                if reset:
+                    resets.append((tenant, branch))
+                args += [event.frame_payload, "1" if reset else "0"]
+            calls.append((indexes, keys, args))
+        replies = await self._eval_all(_ASSIGN, [(keys, args) for _i, keys, args in calls])
+        self.gaps.difference_update(resets)
+        out: list[Position | None] = [None] * len(events)
+        for (indexes, _k, _a), reply in zip(calls, replies, strict=True):
+            assert isinstance(reply, list)
+            for n, i in enumerate(indexes):
+                sid = parse_stream_id(_text(reply[2 * n]))
+                if sid is not None:
+                    event = events[i]
+                    epoch = _text(reply[2 * n + 1])
+                    out[i] = Position(stream_name(event.tenant_id, event.branch_id), sid, make_offset(epoch, sid))
         return out
 
-    async def _eval(self, script: str, keys: list[str], args: list[str | bytes | int]) -> Any:
-        if self.url is None or not resp.supported(self.url):
-            return await self.redis.eval(script, keys=keys, args=args)
-        if self._conn is None:
-            self._conn = await resp.open_connection(self.url)
-        (reply,) = await self._conn.call(resp.encode("EVAL", script, len(keys), *keys, *args))
-        return reply
+    async def _eval_all(self, script: str, calls: list[tuple[list[str], list[str | bytes | int]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args), in one write per node; the replies in order."""
+        topology = self.topology
+        if topology is None or not topology.raw:
+            return [await self.redis.eval(script, keys=keys, args=args) for keys, args in calls]
+        by_node: dict[str | None, list[int]] = {}
+        for n, (keys, _args) in enumerate(calls):
+            by_node.setdefault(await topology.node_of(keys[1]), []).append(n)
+        replies: list[Any] = [None] * len(calls)
+        for node, numbers in by_node.items():
+            conn = self._conns.get(node)
+            if conn is None:
+                key = calls[numbers[0]][0][1]
+                conn = await topology.connect(key)
+                # Named after the map the connection was opened with (a cluster's map is read
+                # again at every connection), not the older one the batch was grouped with.
+                fresh = await topology.node_of(key)
+                if fresh in self._conns:
+                    await conn.aclose()
+                    conn = self._conns[fresh]
+                else:
+                    self._conns[fresh] = conn
+            try:
+                answers = await conn.call(*(resp.encode("EVALSHA", _sha(script), len(calls[n][0]), *calls[n][0],
+                                                        *calls[n][1]) for n in numbers))
+            except NoScriptError:
+                # Not in this server's script cache (a restart, a failover, another node): EVAL
+                # runs it and caches it. Nothing ran: every call of the write was refused alike.
+                answers = await conn.call(*(resp.encode("EVAL", script, len(calls[n][0]), *calls[n][0], *calls[n][1])
+                                            for n in numbers))
+            for n, answer in zip(numbers, answers, strict=True):
+                replies[n] = answer
+        return replies
 
     async def close(self) -> None:
         await self._drop_connection()
 
     async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with trio.CancelScope(shield=True):
+        conns, self._conns = list(self._conns.values()), {}
+        with trio.CancelScope(shield=True):
+            for conn in conns:
                 await conn.aclose()
 
     async def read_after(self, tenant_id: int, branch_id: int, epoch: str, after: StreamId,
@@ -219,7 +277,8 @@ class PositionStore:
         """Up to ``count`` entries after ``after`` (and before ``before``), if the epoch holds."""
         with trio.fail_after(READ_TIMEOUT):
             reply = await self.redis.eval(
-                _READ, keys=[catchup_key(tenant_id, branch_id), epoch_key(tenant_id, branch_id)],
+                _READ, keys=[catchup_key(tenant_id, branch_id, tagged=self.tagged),
+                             epoch_key(tenant_id, branch_id, tagged=self.tagged)],
                 args=[epoch, format_stream_id(after), "+" if before is None else format_stream_id(before), count])
         assert isinstance(reply, list)
         status = _text(reply[0])

@@ -29,8 +29,10 @@ log = logging.getLogger("gateway.catchup")
 _MAX_ID_MS = 2**64 - 1
 
 
-def catchup_key(tenant_id: int, branch_id: int) -> str:
-    return f"gw:catchup:{tenant_id}:{branch_id}"
+def catchup_key(tenant_id: int, branch_id: int, *, tagged: bool = False) -> str:
+    """The stream of a branch; ``tagged`` (a cluster): with the hash tag its companion keys share
+    (``gateway.catchup.positions``), the names of one server unchanged."""
+    return f"gw:catchup:{{{tenant_id}:{branch_id}}}" if tagged else f"gw:catchup:{tenant_id}:{branch_id}"
 
 
 #: How long one catch-up read may take before it counts as a Redis failure.
@@ -43,6 +45,8 @@ class CatchupStore:
     guard: RedisGuard
     window: float
     max_events: int
+    #: Keys with hash tags (a cluster).
+    tagged: bool = False
 
     async def read(self, tenant_id: int, branch_id: int, since: float) -> list[Event]:
         start = max(since, time.time() - self.window) * 1000
@@ -50,7 +54,7 @@ class CatchupStore:
             return []  # nothing is stored after the end of time (and 1e306 * 1000 is inf)
         start_ms = int(start)
         # The newest ``max_events`` of the window (the stream may hold more for v2 resume).
-        entries = await self.redis.xrevrange(catchup_key(tenant_id, branch_id), "+", f"{start_ms}-0",
+        entries = await self.redis.xrevrange(catchup_key(tenant_id, branch_id, tagged=self.tagged), "+", f"{start_ms}-0",
                                             count=self.max_events)
         out: list[Event] = []
         for entry in reversed(entries):

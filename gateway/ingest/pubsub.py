@@ -4,7 +4,8 @@ The reader subscribes to the §5.1 patterns (plus the tenant-wide admin channel,
 every message like the stream reader does (``gateway.core.events``) and hands each read's valid
 events to the broadcast worker as one job. It survives any Redis outage: it retries forever with
 exponential backoff behind its circuit breaker and reports Redis health (D15, D17). It reads on a
-connection of its own (``gateway.redisio.resp``) unless the URL needs TLS, where coredis serves.
+connection of its own (``gateway.redisio.resp``) unless the URL needs TLS, where coredis serves;
+``gateway.redisio.topology`` says which server.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.redisio import resp
 from gateway.redisio.client import raise_unless_redis_failure, ready_messages
 from gateway.redisio.guards import RedisGuard
+from gateway.redisio.topology import Topology
 
 log = logging.getLogger("gateway.ingest")
 
@@ -51,8 +53,9 @@ class PubSubReader:
     #: Messages per job at most (each job is at most this many of the broadcast queue's events).
     max_batch: int = 100
     #: Where to subscribe on a connection of the reader's own (``gateway.redisio.resp``); None, or
-    #: a URL that module does not serve (TLS), subscribes through coredis.
-    url: str | None = None
+    #: a deployment that module does not serve (TLS), subscribes through coredis. On a cluster any
+    #: node will do: each receives every PUBLISH of the cluster.
+    topology: Topology | None = None
     #: Set once the patterns are subscribed.
     ready: trio.Event = attrs.Factory(trio.Event)
     _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
@@ -65,8 +68,8 @@ class PubSubReader:
                 await trio.sleep(max(breaker.seconds_until_retry(), 0.1))
                 continue
             try:
-                if self.url is not None and resp.supported(self.url):
-                    await self._read_raw(self.url, jobs)
+                if self.topology is not None and self.topology.raw:
+                    await self._read_raw(self.topology, jobs)
                 else:
                     await self._read_coredis(jobs)
                 raise ConnectionError("pub/sub connection ended")
@@ -81,9 +84,11 @@ class PubSubReader:
         self.backoff.reset()
         await self.finish_trial(self.guard.breaker)
 
-    async def _read_raw(self, url: str, jobs: trio.MemorySendChannel[Job]) -> None:
-        """Subscribe on a connection of our own and hand over every message of each read as one job."""
-        conn = await resp.open_connection(url)
+    async def _read_raw(self, topology: Topology, jobs: trio.MemorySendChannel[Job]) -> None:
+        """Subscribe on a connection of our own and hand over every message of each read as one job.
+        A lost node or a failover ends the connection; the next one is opened where the topology
+        says, and subscribes again."""
+        conn = await topology.connect(None)
         try:
             await conn.send(resp.encode("PSUBSCRIBE", *PUBSUB_PATTERNS))
             confirmed = 0

@@ -57,6 +57,7 @@ from gateway.redisio.client import (
     xadd_capped,
 )
 from gateway.redisio.guards import RedisGuard
+from gateway.redisio.topology import Topology
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.ingest")
@@ -112,7 +113,7 @@ class StreamSettings:
 
     @classmethod
     def of(cls, s: Settings) -> StreamSettings:
-        return cls(s.stream, s.dlq_stream, s.consumer_group, s.group_prefix, s.instance_id, s.stream_batch,
+        return cls(s.stream, s.dead_letter_stream, s.consumer_group, s.group_prefix, s.instance_id, s.stream_batch,
                    s.stream_block_ms, s.reclaim_idle, s.reclaim_interval, s.group_stale_after, s.catchup_window,
                    s.max_message_size, s.redis_backoff_base, s.redis_backoff_cap)
 
@@ -130,9 +131,10 @@ class StreamConsumer:
     last_id: str | None = None
     processed: int = 0
     #: Where to read new entries and acknowledge them on a connection of the consumer's own
-    #: (``gateway.redisio.resp``): no coredis tasks per round trip. None, or a URL that module does
-    #: not serve (TLS): coredis. Recovery and group management always use coredis.
-    url: str | None = None
+    #: (``gateway.redisio.resp``, opened on the master of the stream's slot): no coredis tasks per
+    #: round trip. None, or a deployment that module does not serve (TLS): coredis. Recovery and
+    #: group management always use coredis.
+    topology: Topology | None = None
     _conn: resp.RespConnection | None = None
     #: A batch's acknowledgement held for the next XREADGROUP's write: (commands, ids, dead letters).
     _deferred: tuple[list[bytes], int, int] | None = None
@@ -199,10 +201,10 @@ class StreamConsumer:
 
     async def _connection(self) -> resp.RespConnection | None:
         """The consumer's own connection for reads and acknowledgements; None: use coredis."""
-        if self.url is None or not resp.supported(self.url):
+        if self.topology is None or not self.topology.raw:
             return None
         if self._conn is None:
-            self._conn = await resp.open_connection(self.url)
+            self._conn = await self.topology.connect(self.settings.stream)
         return self._conn
 
     async def _drop_connection(self) -> None:

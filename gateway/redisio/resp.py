@@ -83,6 +83,11 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     raise ResponseError(f"unexpected RESP reply type {kind!r}")
 
 
+def text(value: Any) -> str:
+    """A bulk or simple string reply as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def raise_errors(replies: Sequence[Any]) -> None:
     """Raise the first error reply among ``replies``."""
     for reply in replies:
@@ -141,30 +146,41 @@ async def open_connection(url: str, *, connect_timeout: float = 5.0) -> RespConn
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     password = unquote(parts.password) if parts.password else query.get("password")
     username = unquote(parts.username) if parts.username else query.get("username")
+    if parts.scheme not in ("unix", "redis"):
+        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+    db = int(query.get("db") or parts.path.strip("/") or 0) if parts.scheme == "redis" else int(query.get("db") or 0)
     with trio.fail_after(connect_timeout):
         stream: trio.abc.Stream
         if parts.scheme == "unix":
             stream = await trio.open_unix_socket(parts.path)
-        elif parts.scheme == "redis":
-            stream = await trio.open_tcp_stream(parts.hostname or "localhost", parts.port or 6379)
         else:
-            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
-        conn = RespConnection(stream)
-        try:
-            setup = []
-            if password:
-                setup.append(encode("AUTH", username, password) if username else encode("AUTH", password))
-            db = int(query.get("db") or parts.path.strip("/") or 0) if parts.scheme == "redis" else int(query.get("db") or 0)
-            if db:
-                setup.append(encode("SELECT", db))
-            if setup:
-                try:
-                    await conn.call(*setup)
-                except ResponseError as exc:
-                    raise AuthenticationError(str(exc)) from None
-        except BaseException:
-            await conn.aclose()
-            raise
+            stream = await trio.open_tcp_stream(parts.hostname or "localhost", parts.port or 6379)
+        return await _set_up(RespConnection(stream), username, password, db)
+
+
+async def connect_tcp(host: str, port: int, *, username: str | None = None, password: str | None = None,
+                      db: int = 0, connect_timeout: float = 5.0) -> RespConnection:
+    """Connect to ``host:port`` and authenticate (a node a sentinel or a cluster map named)."""
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        return await _set_up(RespConnection(stream), username, password, db)
+
+
+async def _set_up(conn: RespConnection, username: str | None, password: str | None, db: int) -> RespConnection:
+    try:
+        setup = []
+        if password:
+            setup.append(encode("AUTH", username, password) if username else encode("AUTH", password))
+        if db:
+            setup.append(encode("SELECT", db))
+        if setup:
+            try:
+                await conn.call(*setup)
+            except ResponseError as exc:
+                raise AuthenticationError(str(exc)) from None
+    except BaseException:
+        await conn.aclose()
+        raise
     return conn
 
 
