@@ -18,6 +18,8 @@ import attrs
 
 from gateway.core.clientip import parse_networks
 from gateway.core.credentials import Credentials
+from gateway.settings_values import SettingsError as SettingsError
+from gateway.settings_values import _check_range, _convert
 
 DEFAULT_JWT_SECRET = "dev-secret-change-me-in-production"
 DEFAULT_TABLE_TOKEN_SECRET = "table-token-secret-change-me"
@@ -30,10 +32,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-class SettingsError(ValueError):
-    """An invalid setting. The message names the environment variable (or flag)."""
 
 
 def _parse_bool(raw: str) -> bool:
@@ -192,6 +190,26 @@ class Settings:
     )
     max_total_connections: int = setting(
         10000, "WS_MAX_TOTAL_CONNECTIONS", "Open sockets per process (1013 beyond).", minimum=1, maximum=1000000,
+    )
+    lease_ttl: float = setting(
+        30.0, "GATEWAY_LEASE_TTL",
+        "Seconds a socket's lease in the cluster-wide limits lasts unless renewed (every third of it): a killed "
+        "instance's sockets stop counting against the per-user and per-session limits within this time (D23).",
+        minimum=2, maximum=3600,
+    )
+    connect_rate_per_user: int = setting(
+        60, "WS_CONNECT_RATE_PER_USER",
+        "Connection attempts per staff user (per table session for diners) per window, cluster-wide; "
+        "beyond it HTTP 429 with Retry-After. 0: off.", minimum=0, maximum=1000000,
+    )
+    connect_rate_per_ip: int = setting(
+        1200, "WS_CONNECT_RATE_PER_IP",
+        "Connection attempts per client address per window, cluster-wide (proxies in GATEWAY_TRUSTED_PROXIES "
+        "are exempt; their clients count by X-Forwarded-For); beyond it HTTP 429 with Retry-After. 0: off.",
+        minimum=0, maximum=10000000,
+    )
+    connect_rate_window: float = setting(
+        60.0, "WS_CONNECT_RATE_WINDOW", "Window of the connection attempt rates, in seconds.", minimum=1, maximum=86400,
     )
     heartbeat_timeout: float = setting(
         60.0, "WS_HEARTBEAT_TIMEOUT", "A socket silent this long is closed 1001 by the sweeper.",
@@ -456,38 +474,6 @@ def redact_url_password(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
-
-
-def _convert(field: attrs.Attribute[Any], raw: str, name: str) -> Any:
-    parse: _Parser | None = field.metadata["parse"]
-    if parse is None:
-        parse = {"int": int, "float": float}.get(str(field.type), str)
-    try:
-        value = parse(raw.strip() if parse in (int, float) else raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name}: invalid value {_shown(field, raw)}: {exc}") from None
-    _check_range(field, value, name)
-    return value
-
-
-def _shown(field: attrs.Attribute[Any], raw: str) -> str:
-    # A URL may carry a password even when it is malformed.
-    return "(hidden)" if field.metadata["secret"] or field.name == "redis_url" else repr(raw)
-
-
-def _check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
-    meta = field.metadata
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int | float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise SettingsError(f"{name}: must be a finite number")
-        if meta["minimum"] is not None and value < meta["minimum"]:
-            raise SettingsError(f"{name}: {value} is below the minimum {meta['minimum']}")
-        if meta["maximum"] is not None and value > meta["maximum"]:
-            raise SettingsError(f"{name}: {value} is above the maximum {meta['maximum']}")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
 
 
 def settings_fields() -> tuple[attrs.Attribute[Any], ...]:
