@@ -182,10 +182,12 @@ class Settings:
     )
     # --- limits --------------------------------------------------------------------------------
     max_connections_per_user: int = setting(
-        3, "WS_MAX_CONNECTIONS_PER_USER", "Open sockets per staff user (1008 beyond).", minimum=1, maximum=10000,
+        3, "WS_MAX_CONNECTIONS_PER_USER", "Open sockets per staff user, across every instance on one Redis (D23; "
+        "per process while Redis does not answer); beyond it HTTP 429 before the upgrade.", minimum=1, maximum=10000,
     )
     max_connections_per_session: int = setting(
-        10, "WS_MAX_CONNECTIONS_PER_SESSION", "Open diner sockets per table session (1008 beyond).",
+        10, "WS_MAX_CONNECTIONS_PER_SESSION", "Open diner sockets per table session, across every instance on one "
+        "Redis as WS_MAX_CONNECTIONS_PER_USER; beyond it HTTP 429 before the upgrade.",
         minimum=1, maximum=10000,
     )
     max_total_connections: int = setting(
