@@ -230,6 +230,8 @@ async def test_a_hammering_client_is_refused_cheaply_while_others_connect(gatewa
     assert statuses[20:] == [429] * 40
     assert metric_value(a.gw.metrics.rate_refusals, "ip", "process") == 40
     assert metric_value(a.gw.metrics.rejections, "rate_ip") == 40
+    # The legacy "auth" counter has the 20 bad tokens, not the attempts refused for the rate.
+    assert a.gw.legacy["auth"] == 20
     status, retry = await attempt(a.port, "waiter", "not-a-jwt", forwarded=hammerer)
     assert status == 429 and retry is not None and int(retry) >= 1
     # Everyone else connects normally, meanwhile.
