@@ -257,6 +257,31 @@ async def test_the_address_rate_is_cluster_wide(gateway_factory: Factory) -> Non
     assert (await attempt(b.port, "waiter", b.staff_token(user=301), forwarded="203.0.113.8"))[0] == 101
 
 
+async def test_concurrent_attempts_of_one_address_on_two_instances_pass_exactly_the_rate(
+        gateway_factory: Factory) -> None:
+    a = await gateway_factory(trusted_proxies=("127.0.0.1",), connect_rate_per_ip=10)
+    b = await gateway_factory(trusted_proxies=("127.0.0.1",), connect_rate_per_ip=10)
+    hold = trio.Event()
+    statuses: list[int] = []
+    all_refused = trio.Event()
+
+    async def one(handle: GatewayHandle, user: int) -> None:
+        statuses.append((await attempt(handle.port, "waiter", handle.staff_token(user=user),
+                                       forwarded="203.0.113.9", hold=hold))[0])
+        if statuses.count(429) == 6:
+            all_refused.set()
+
+    async with trio.open_nursery() as attempts:
+        for i in range(16):
+            attempts.start_soon(one, (a, b)[i % 2], 400 + i)
+        with trio.fail_after(15):
+            await all_refused.wait()
+            while len(a.gw.index) + len(b.gw.index) != 10:  # noqa: ASYNC110 - bounded poll
+                await trio.sleep(0.02)
+        hold.set()
+    assert sorted(statuses) == [101] * 10 + [429] * 6
+
+
 async def test_a_users_attempt_rate_is_cluster_wide(gateway_factory: Factory) -> None:
     a = await gateway_factory(connect_rate_per_user=5)
     b = await gateway_factory(connect_rate_per_user=5)

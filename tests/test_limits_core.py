@@ -8,6 +8,7 @@ from helpers import diner
 from gateway.core.limits import (
     LeaseBook,
     LocalRates,
+    admits,
     estimate,
     ip_tag,
     limit_tag,
@@ -66,6 +67,18 @@ def test_retry_after_is_when_the_estimate_drops_below_the_limit() -> None:
     assert retry_after(0, 3, 10.0, limit, window) == 0.0
     assert retry_seconds(0.01) == 1
     assert retry_seconds(4.2) == 5
+
+
+def test_attempts_arriving_together_pass_as_if_one_after_the_other() -> None:
+    limit, window = 10, 60.0
+    for prev, cur, elapsed in [(0, 0, 0.0), (0, 7, 5.0), (12, 3, 20.0), (4, 9, 59.0), (30, 0, 1.0)]:
+        for attempts in range(0, 15):
+            one_by_one, c = 0, cur
+            for _ in range(attempts):
+                if estimate(prev, c, elapsed, window) < limit:
+                    one_by_one += 1
+                    c += 1
+            assert admits(prev, cur, elapsed, limit, window, attempts) == one_by_one, (prev, cur, elapsed, attempts)
 
 
 def test_local_rates_refuse_beyond_the_limit_without_counting_refusals() -> None:

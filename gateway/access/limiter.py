@@ -60,42 +60,44 @@ _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-# The sliding-window estimate of gateway.core.limits, in Redis: nil when the attempt is allowed
-# (and counted), else {2, previous count, current count, ms into the current window}.
+# The sliding-window estimate of gateway.core.limits (``admits``), in Redis: of ``n`` attempts
+# arriving together, {how many pass (and are counted), previous count, current count after them,
+# ms into the current window}.
 _RATE = """
-local function rate(key, limit, window)
-  if limit <= 0 then return nil end
+local function rate(key, limit, window, n)
+  if limit <= 0 then return {n, 0, 0, 0} end
   local idx = math.floor(now / window)
   local cur = tonumber(redis.call('HGET', key, idx) or '0')
   local prev = tonumber(redis.call('HGET', key, idx - 1) or '0')
   local elapsed = now - idx * window
-  if prev * (window - elapsed) / window + cur >= limit then
-    return {2, prev, cur, elapsed}
-  end
-  redis.call('HINCRBY', key, idx, 1)
+  local passed = math.max(0, math.min(n, math.ceil(limit - (prev * (window - elapsed) / window + cur))))
+  if passed == 0 then return {0, prev, cur, elapsed} end
+  redis.call('HINCRBY', key, idx, passed)
   if redis.call('HLEN', key) > 2 then
     for _, f in ipairs(redis.call('HKEYS', key)) do
       if tonumber(f) < idx - 1 then redis.call('HDEL', key, f) end
     end
   end
   redis.call('PEXPIRE', key, 2 * window)
-  return nil
+  return {passed, prev, cur + passed, elapsed}
 end
 """
 #: KEYS: the lease set, the user's rate; ARGV: member, limit, ttl ms, rate limit, window ms.
 #: Reply {0,...}: leased; {1,...}: at the limit; {2, prev, cur, elapsed}: over the rate.
 ADMIT = Script(_NOW + _RATE + """
-local refused = rate(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]))
-if refused then return refused end
+local r = rate(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), 1)
+if r[1] == 0 then return {2, r[2], r[3], r[4]} end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return {1, 0, 0, 0} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {0, 0, 0, 0}
 """)
-#: KEYS: a client address' rate; ARGV: rate limit, window ms. Reply as ADMIT's rate part.
+#: KEYS: a client address' rate; ARGV: rate limit, window ms, attempts. The attempts of one address
+#: in one round trip go as one call (many clients behind one NAT address reconnecting together).
+#: Reply {attempts passed, prev, cur, elapsed}: the first ones queued pass.
 RATE = Script(_NOW + _RATE + """
-return rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])) or {0, 0, 0, 0}
+return rate(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 """)
 #: KEYS: a lease set; ARGV: ttl ms, members. Adds members that are gone (a Redis that lost them).
 RENEW = Script(_NOW + """
@@ -142,18 +144,35 @@ class Grant:
 
 
 @attrs.define(eq=False, slots=True)
+class _AddressAttempts:
+    """The attempts of one client address queued for the same round trip: one RATE call."""
+
+    client: str
+    count: int = 0
+    call: ScriptCall | None = None
+
+    def refused(self, position: int) -> tuple[int, int, int] | None:
+        """(prev, cur, elapsed ms) if the attempt queued at ``position`` did not pass."""
+        reply = self.call.reply if self.call is not None else None
+        if isinstance(reply, list) and len(reply) == 4 and position >= int(reply[0]):
+            return int(reply[1]), int(reply[2]), int(reply[3])
+        return None
+
+
+@attrs.define(eq=False, slots=True)
 class Request:
     """A lease request queued for the next round trip."""
 
     tag: str
     client: str
     admit: ScriptCall | None
-    rate: ScriptCall | None
+    address: _AddressAttempts | None
+    position: int
     settled: trio.Event
 
 
 def _refused(reply: object) -> tuple[int, int, int] | None:
-    """(prev, cur, elapsed ms) of a rate refusal reply."""
+    """(prev, cur, elapsed ms) of ADMIT's rate refusal reply."""
     if isinstance(reply, list) and len(reply) == 4 and reply[0] == 2:
         return int(reply[1]), int(reply[2]), int(reply[3])
     return None
@@ -172,6 +191,7 @@ class ClusterLimiter:
     ip_rates: LocalRates = attrs.field(init=False)
     user_rates: LocalRates = attrs.field(init=False)
     _queued: list[ScriptCall] = attrs.Factory(list)
+    _addresses: dict[str, _AddressAttempts] = attrs.Factory(dict)
     _releases: dict[str, list[str]] = attrs.Factory(dict)
     _renew_due: bool = False
     _settled: trio.Event = attrs.Factory(trio.Event)
@@ -214,17 +234,21 @@ class ClusterLimiter:
         tag = limit_tag(principal)
         window = int(s.rate_window * 1000)
         admit: ScriptCall | None = None
-        rate: ScriptCall | None = None
+        address: _AddressAttempts | None = None
+        position = 0
         if self.batcher.batching:
             limit = s.per_session if principal.is_diner else s.per_user
             admit = ScriptCall(ADMIT, (tag, rate_key(tag)),
                                (f"{self.instance}:{next(self._ids)}", limit, int(s.lease_ttl * 1000), s.rate_user, window))
             self._queued.append(admit)
             if self._counts_ip(client):
-                rate = ScriptCall(RATE, (rate_key(ip_tag(client)),), (s.rate_ip, window))
-                self._queued.append(rate)
+                address = self._addresses.get(client)
+                if address is None:
+                    address = self._addresses[client] = _AddressAttempts(client)
+                position = address.count
+                address.count += 1
             self.batcher.wake()
-        return Request(tag, client, admit, rate, self._settled)
+        return Request(tag, client, admit, address, position, self._settled)
 
     async def grant(self, request: Request) -> Grant:
         """The outcome of a queued request, once its round trip is over."""
@@ -251,7 +275,7 @@ class ClusterLimiter:
             lease = Lease(request.tag, str(request.admit.args[0]))
             self.book.add(lease.key, lease.member)
             self.metrics.leases.inc()
-        counts = _refused(request.rate.reply) if request.rate is not None else None
+        counts = request.address.refused(request.position) if request.address is not None else None
         if counts is not None:
             refusal = self._cluster_rate_refusal(RATE_IP, request.client, counts, self.settings.rate_ip, now)
         if refusal is not None:
@@ -295,6 +319,13 @@ class ClusterLimiter:
 
     def take(self) -> list[ScriptCall]:
         calls, self._queued = self._queued, []
+        if self._addresses:
+            window = int(self.settings.rate_window * 1000)
+            for address in self._addresses.values():
+                address.call = ScriptCall(RATE, (rate_key(ip_tag(address.client)),),
+                                          (self.settings.rate_ip, window, address.count))
+                calls.append(address.call)
+            self._addresses = {}
         for key, members in self._releases.items():
             calls.append(ScriptCall(RELEASE, (key,), members))
         self._releases = {}

@@ -31,6 +31,10 @@ from gateway.redisio.guards import RedisGuard
 REVOCATION_TIMEOUT = 2.0
 #: Principals per ``MGET`` (each is one or two keys); a larger backlog goes in several.
 MAX_BATCH = 512
+#: Round trips start at most this often: under load, the handshakes that arrive meanwhile share
+#: the next one (each round trip costs the gateway a send, a wake-up and a receive). A lone
+#: handshake, with no round trip in the last interval, is sent at once.
+MIN_INTERVAL = 0.005
 
 
 @attrs.define(eq=False)
@@ -135,12 +139,17 @@ class Revocation:
         """Send the queued principals' keys, one ``MGET`` at a time, for as long as the gateway runs."""
         self._batching = True
         batch = self._open
+        last = float("-inf")
         try:
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 rider = self.rider
                 while self._open.principals or (rider is not None and rider.pending()):
+                    pause = last + MIN_INTERVAL - trio.current_time()
+                    if pause > 0:
+                        await trio.sleep(pause)
+                    last = trio.current_time()
                     batch, self._open = self._open, _Batch()
                     calls = rider.take() if rider is not None else []
                     try:

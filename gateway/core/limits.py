@@ -54,6 +54,12 @@ def retry_after(prev: int, cur: int, elapsed: float, limit: int, window: float) 
     return max(0.0, window * (1 - (limit - cur) / prev) - elapsed)
 
 
+def admits(prev: int, cur: int, elapsed: float, limit: int, window: float, attempts: int) -> int:
+    """How many of ``attempts`` arriving together pass, one after the other (each one counted
+    raises the estimate by 1)."""
+    return max(0, min(attempts, math.ceil(limit - estimate(prev, cur, elapsed, window))))
+
+
 def retry_seconds(delay: float) -> int:
     """A ``Retry-After`` value: whole seconds, at least 1."""
     return max(1, math.ceil(delay))
