@@ -142,6 +142,22 @@ async def test_nothing_is_left_in_redis_once_sockets_close(gateway_factory: Fact
                 await trio.sleep(0.05)
 
 
+async def test_a_stopped_instance_gives_its_leases_back(gateway_factory: Factory, redis_url: str) -> None:
+    # A rolling restart: the sockets of the drained instance reconnect elsewhere at once.
+    a = await gateway_factory(drain_period=0.2)
+    b = await gateway_factory()
+    token = a.staff_token(user=7)
+    await open_sockets(a, "waiter", token, 3)
+    a.gw.request_stop()
+    client = make_client(redis_url)
+    async with client:
+        with trio.fail_after(10):
+            while await client.zcard("{gw:limits:user:1:7}"):  # noqa: ASYNC110 - polling Redis, bounded
+                await trio.sleep(0.05)
+    for _ in range(3):
+        assert (await attempt(b.port, "waiter", token, hold=None))[0] == 101
+
+
 async def test_scripts_are_loaded_again_after_a_script_flush(gateway_factory: Factory, redis_url: str) -> None:
     a = await gateway_factory()
     token = a.staff_token(user=7)

@@ -14,6 +14,7 @@ same write as its ``MGET``, so a handshake that needs both still waits for one r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import attrs
@@ -164,8 +165,13 @@ class Revocation:
                     batch.done.set()
         finally:
             self._batching = False
-            if self.rider is not None:  # calls nobody will send: unanswered, like an outage
-                self.rider.take()
+            if self.rider is not None:
+                # The leases of the sockets closed last in a drain are given back now rather than
+                # left to lapse, so their users can reconnect elsewhere at once (bounded: a stop
+                # never waits on Redis for long).
+                calls = self.rider.take()
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(Exception):
+                    await self.check((), own_connection=True, calls=calls)
                 self.rider.settled()
             await self._drop_connection()
             batch.done.set()
