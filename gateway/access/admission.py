@@ -185,15 +185,16 @@ class Admission:
         revoked = None if principal.is_diner else await self.revocation.check_one(principal)
         grant = await self.limiter.grant(request)
         try:
+            # A revoked token is final (D1), whatever the limits say.
+            if revoked:
+                self.limiter.release(grant.lease)
+                return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
             if grant.refusal is not None:
                 return _refuse_grant(grant)
             if not principal.is_diner:
                 if revoked is None:
                     self.limiter.release(grant.lease)
                     return _refuse("redis_unavailable")
-                if revoked:
-                    self.limiter.release(grant.lease)
-                    return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
                 if principal.is_plain_waiter or endpoint == "waiter":
                     principal = await self.sectors.assign(principal, refresh=False)
         except BaseException:
