@@ -20,14 +20,20 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from helpers import metric_value
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from gateway.access.limiter import ClusterLimiter
+from gateway.access.revocation import Revocation
+from gateway.core.model import Principal
+from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
 from gateway.redisio.embedded import RedisProcess
 from gateway.redisio.embedded_config import RedisConfig, free_port
+from gateway.redisio.guards import RedisGuards, RedisHealth
 from gateway.settings import Settings, SettingsError
-from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, WSClient
+from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, WSClient, test_settings
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 GATEWAY_BIN = Path(sys.executable).with_name("gateway")
@@ -170,6 +176,33 @@ async def test_scripts_are_loaded_again_after_a_script_flush(gateway_factory: Fa
         assert await client.zcard("{gw:limits:user:1:7}") == 3
     assert await attempt(a.port, "waiter", token) == (429, "5")
     assert metric_value(a.gw.metrics.limits_local_only) == 0
+
+
+async def test_the_coredis_path_takes_and_gives_back_leases(redis_url: str, nursery: trio.Nursery) -> None:
+    # URLs the batcher's own RESP connection does not serve (rediss://) go through coredis: the
+    # same scripts, one command each, with the same NOSCRIPT fallback.
+    settings = test_settings(redis_url)
+    metrics = Metrics()
+    guards = RedisGuards.build(settings, RedisHealth(metrics), trio.current_time)
+    client = make_client(redis_url)
+    async with client:
+        revocation = Revocation(client, guards.auth, url=None)
+        limiter = ClusterLimiter.build(settings, metrics, revocation, ())
+        nursery.start_soon(revocation.batcher)
+        await trio.testing.wait_all_tasks_blocked()
+        user = Principal(endpoint="waiter", tenant_id=1, user_id=7, branch_ids=frozenset({2}))
+        grants = [await limiter.grant(limiter.request(user, "203.0.113.1")) for _ in range(2)]
+        await client.script_flush()
+        grants.append(await limiter.grant(limiter.request(user, "203.0.113.1")))
+        assert all(g.lease is not None and g.refusal is None for g in grants)
+        assert (await limiter.grant(limiter.request(user, "203.0.113.1"))).refusal == "limit_user"
+        assert await client.zcard("{gw:limits:user:1:7}") == 3
+        for g in grants:
+            limiter.release(g.lease)
+        with trio.fail_after(10):
+            while await client.zcard("{gw:limits:user:1:7}"):  # noqa: ASYNC110 - polling Redis, bounded
+                await trio.sleep(0.05)
+        assert metric_value(metrics.limits_local_only) == 0
 
 
 # --- a killed instance ----------------------------------------------------------------------------
