@@ -24,6 +24,7 @@ import trio.testing
 from helpers import metric_value
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from gateway.access import limiter as limiter_module
 from gateway.access.limiter import ClusterLimiter
 from gateway.access.revocation import Revocation
 from gateway.core.model import Principal
@@ -203,6 +204,28 @@ async def test_the_coredis_path_takes_and_gives_back_leases(redis_url: str, nurs
             while await client.zcard("{gw:limits:user:1:7}"):  # noqa: ASYNC110 - polling Redis, bounded
                 await trio.sleep(0.05)
         assert metric_value(metrics.limits_local_only) == 0
+
+
+async def test_renewals_in_chunks_keep_every_lease(redis_url: str, nursery: trio.Nursery,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limiter_module, "RENEW_CHUNK", 2)
+    settings = test_settings(redis_url, lease_ttl=3.0)
+    metrics = Metrics()
+    guards = RedisGuards.build(settings, RedisHealth(metrics), trio.current_time)
+    client = make_client(redis_url)
+    async with client:
+        revocation = Revocation(client, guards.auth, url=redis_url)
+        limiter = ClusterLimiter.build(settings, metrics, revocation, ())
+        nursery.start_soon(revocation.batcher)
+        nursery.start_soon(limiter.renewer)
+        await trio.testing.wait_all_tasks_blocked()
+        users = [Principal(endpoint="waiter", tenant_id=1, user_id=u, branch_ids=frozenset({2})) for u in range(5)]
+        grants = [await limiter.grant(limiter.request(u, "-")) for u in users]
+        limiter.release(grants[0].lease)
+        # Two lease lifetimes: only renewals (every second, two keys per round trip) keep them.
+        await trio.sleep(6)
+        counts = [await client.zcard(f"{{gw:limits:user:1:{u}}}") for u in range(5)]
+        assert counts == [0, 1, 1, 1, 1]
 
 
 # --- a killed instance ----------------------------------------------------------------------------

@@ -129,10 +129,12 @@ def test_lease_book() -> None:
     book.add("{k1}", "i:2")
     book.add("{k2}", "i:3")
     assert len(book) == 3
-    assert book.renewals() == [("{k1}", ["i:1", "i:2"]), ("{k2}", ["i:3"])]
+    assert book.keys() == ["{k1}", "{k2}"]
+    assert book.members("{k1}") == ["i:1", "i:2"]
     assert book.discard("{k1}", "i:1")
     assert not book.discard("{k1}", "i:1")
     assert not book.discard("{nope}", "i:1")
     assert book.discard("{k2}", "i:3")
-    assert book.renewals() == [("{k1}", ["i:2"])]
+    assert book.keys() == ["{k1}"]
+    assert book.members("{k2}") == []
     assert len(book) == 1

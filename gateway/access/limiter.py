@@ -5,8 +5,10 @@ connection attempt rates per user and per client address, shared by every instan
 set named after its user (staff) or table session (diners), scored by its expiry in Redis' own
 clock. One Lua script per admission (:data:`ADMIT`) drops expired members, counts the rest against
 the limit and adds the new one, atomically; it also counts the attempt in the user's rate. Every
-``GATEWAY_LEASE_TTL / 3`` the instance renews all its leases in one round trip (one script call per
-user or session, pipelined), and a closing socket's lease is removed in the next round trip. A
+``GATEWAY_LEASE_TTL / 3`` the instance renews all its leases: one script call per user or session,
+pipelined, up to :data:`RENEW_CHUNK` of them per round trip (one round trip for up to 500 users or
+sessions, however many sockets each has), and a closing socket's lease is removed in the next
+round trip. A
 killed instance renews nothing: its sockets stop counting within ``GATEWAY_LEASE_TTL``.
 
 **Round trips.** Nothing here talks to Redis itself: the calls queue here and ride the revocation
@@ -55,6 +57,10 @@ from gateway.metrics import Metrics
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
+
+#: Lease keys renewed per round trip: a renewal of many keys is spread over several round trips
+#: so that it never holds the event loop for long (10,000 keys take about 50 ms to encode).
+RENEW_CHUNK = 500
 
 _NOW = """
 local t = redis.call('TIME')
@@ -193,7 +199,7 @@ class ClusterLimiter:
     _queued: list[ScriptCall] = attrs.Factory(list)
     _addresses: dict[str, _AddressAttempts] = attrs.Factory(dict)
     _releases: dict[str, list[str]] = attrs.Factory(dict)
-    _renew_due: bool = False
+    _renewing: list[str] = attrs.Factory(list)
     _settled: trio.Event = attrs.Factory(trio.Event)
     _taken: trio.Event = attrs.Factory(trio.Event)
     _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
@@ -309,13 +315,13 @@ class ClusterLimiter:
         """Renew every lease of this instance, one round trip per third of the lease TTL."""
         while True:
             await trio.sleep(self.settings.lease_ttl / 3)
-            if len(self.book):
-                self._renew_due = True
+            if len(self.book) and not self._renewing:
+                self._renewing = self.book.keys()
                 self.batcher.wake()
 
     # --- the Rider interface (the revocation batcher) -------------------------------------------
     def pending(self) -> bool:
-        return bool(self._queued or self._releases or self._renew_due)
+        return bool(self._queued or self._releases or self._renewing)
 
     def take(self) -> list[ScriptCall]:
         calls, self._queued = self._queued, []
@@ -329,10 +335,15 @@ class ClusterLimiter:
         for key, members in self._releases.items():
             calls.append(ScriptCall(RELEASE, (key,), members))
         self._releases = {}
-        if self._renew_due:
-            self._renew_due = False
+        if self._renewing:
+            # The members are read now, not when the renewal began: a lease given back meanwhile
+            # is not added again.
+            keys, self._renewing = self._renewing[:RENEW_CHUNK], self._renewing[RENEW_CHUNK:]
             ttl = int(self.settings.lease_ttl * 1000)
-            calls.extend(ScriptCall(RENEW, (key,), (ttl, *members)) for key, members in self.book.renewals())
+            for key in keys:
+                members = self.book.members(key)
+                if members:
+                    calls.append(ScriptCall(RENEW, (key,), (ttl, *members)))
         self._taken, self._settled = self._settled, trio.Event()
         return calls
 

@@ -143,6 +143,10 @@ class LeaseBook:
             del self._held[key]
         return True
 
-    def renewals(self) -> list[tuple[str, list[str]]]:
-        """Every held key with its members: what one renewal sends."""
-        return [(key, sorted(members)) for key, members in self._held.items()]
+    def keys(self) -> list[str]:
+        """Every key with a lease held: what one renewal goes through."""
+        return list(self._held)
+
+    def members(self, key: str) -> list[str]:
+        """The members held now under ``key`` (none once all were given back)."""
+        return sorted(self._held.get(key, ()))
