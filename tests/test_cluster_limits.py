@@ -10,6 +10,7 @@ HTTP 429 with Retry-After before the upgrade (D22). Waits poll an observed state
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -290,14 +291,16 @@ async def test_a_killed_instances_sockets_stop_counting_within_the_lease_ttl(
 # --- attempt rates --------------------------------------------------------------------------------
 
 
-async def test_a_hammering_client_is_refused_cheaply_while_others_connect(gateway_factory: Factory) -> None:
+async def test_a_hammering_client_is_refused_cheaply_while_others_connect(
+        gateway_factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
     a = await gateway_factory(trusted_proxies=("127.0.0.1",), connect_rate_per_ip=20)
     hammerer = "203.0.113.66"
     statuses: list[int] = []
+    caplog.set_level(logging.INFO)
     for _ in range(60):
         # A token nobody could verify: refused 4001 after the upgrade while the rate allows, then
         # 429 before the upgrade, without the token being looked at.
-        statuses.append((await attempt(a.port, "waiter", "not-a-jwt", forwarded=hammerer))[0])
+        statuses.append((await attempt(a.port, "waiter", "not-a-jwt-secret-value", forwarded=hammerer))[0])
     assert statuses[:20] == [4001] * 20
     assert statuses[20:] == [429] * 40
     assert metric_value(a.gw.metrics.rate_refusals, "ip", "process") == 40
@@ -306,6 +309,11 @@ async def test_a_hammering_client_is_refused_cheaply_while_others_connect(gatewa
     assert a.gw.legacy["auth"] == 20
     status, retry = await attempt(a.port, "waiter", "not-a-jwt", forwarded=hammerer)
     assert status == 429 and retry is not None and int(retry) >= 1
+    # Logged once (then counted), with the client, never the credential.
+    refused = [r for r in caplog.records if r.getMessage() == "upgrade refused: too many connection attempts"]
+    assert len(refused) == 1 and getattr(refused[0], "client", None) == hammerer
+    assert "not-a-jwt-secret-value" not in caplog.text
+    assert all("not-a-jwt-secret-value" not in str(vars(r)) for r in caplog.records)
     # Everyone else connects normally, meanwhile.
     for i in range(5):
         assert (await attempt(a.port, "waiter", a.staff_token(user=100 + i), forwarded=f"198.51.100.{i}"))[0] == 101
