@@ -186,11 +186,14 @@ def _refused(reply: object) -> tuple[int, int, int] | None:
 
 @attrs.define(eq=False)
 class ClusterLimiter:
+    """The attempt rates and leases of one instance (see the module docstring)."""
+
     settings: LimitSettings
     metrics: Metrics
     #: Where calls ride (and whom to wake when some are queued).
     batcher: Revocation
-    #: Lease members are ``<instance>:<n>``: the instance id and a nonce of this process.
+    #: ``<instance id>:<nonce of this process>``; lease members are ``<instance>:<n>``, so a
+    #: restarted instance never mistakes its previous life's leases for its own.
     instance: str
     trusted: tuple[Network, ...] = ()
     book: LeaseBook = attrs.Factory(LeaseBook)
