@@ -327,7 +327,11 @@ class ClusterLimiter:
         return bool(self._queued or self._releases or self._renewing)
 
     def take(self) -> list[ScriptCall]:
-        calls, self._queued = self._queued, []
+        # Releases first: a slot given back is free for an admission in the same write.
+        calls = [ScriptCall(RELEASE, (key,), members) for key, members in self._releases.items()]
+        self._releases = {}
+        calls += self._queued
+        self._queued = []
         if self._addresses:
             window = int(self.settings.rate_window * 1000)
             for address in self._addresses.values():
@@ -335,9 +339,6 @@ class ClusterLimiter:
                                           (self.settings.rate_ip, window, address.count))
                 calls.append(address.call)
             self._addresses = {}
-        for key, members in self._releases.items():
-            calls.append(ScriptCall(RELEASE, (key,), members))
-        self._releases = {}
         if self._renewing:
             # The members are read now, not when the renewal began: a lease given back meanwhile
             # is not added again.
