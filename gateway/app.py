@@ -9,7 +9,8 @@ Nursery tree::
         ├── broadcast worker                   (memory channel of Jobs)
         ├── stream consumer                    (XREADGROUP, ack after routing)
         ├── pub/sub reader                     (PSUBSCRIBE)
-        ├── revocation batcher                 (one MGET for concurrent handshakes)
+        ├── revocation batcher                 (one write for concurrent handshakes: MGET + lease scripts)
+        ├── lease renewer                      (all leases of this instance, every GATEWAY_LEASE_TTL/3)
         ├── heartbeat sweeper, revalidator
         ├── listener                           (accept loop, own cancel scope)
         └── connections nursery                (one task per TCP connection)
@@ -35,6 +36,7 @@ import coredis
 import trio
 
 from gateway.access.admission import Admission, Limits
+from gateway.access.limiter import ClusterLimiter
 from gateway.access.refresh import Refresher
 from gateway.access.revocation import Revocation
 from gateway.access.sectors import SectorSettings, SectorSource
@@ -153,7 +155,8 @@ def build(settings: Settings, redis: coredis.Redis[bytes], topology: Topology | 
     # from the gateway's own origin.
     origins = allowed_origins(settings.allowed_origins, settings.port if settings.environment == "development" else None)
     credentials = settings.credentials()
-    admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors)
+    limiter = ClusterLimiter.build(settings, metrics, revocation, trusted)
+    admission = Admission(Limits.of(settings), credentials, origins, registry, metrics, revocation, sectors, limiter)
     stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, topology=topology)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
@@ -208,6 +211,7 @@ async def _serve(settings: Settings, topology: Topology, task_status: trio.TaskS
         services.start_soon(gw.stream_consumer.run, send.clone())
         services.start_soon(gw.pubsub.run, send.clone())
         services.start_soon(gw.revocation.batcher)
+        services.start_soon(gw.admission.limiter.renewer)
         services.start_soon(functools.partial(heartbeat_sweeper, gw.registry, silence=settings.heartbeat_timeout,
                                               interval=settings.heartbeat_sweep_interval))
         services.start_soon(functools.partial(revalidator, gw.registry, gw.revocation,

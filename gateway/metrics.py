@@ -50,6 +50,19 @@ class Metrics:
         self.rejections = Counter(
             "wsgateway_rejections", "Sockets refused at connect time, by reason", ["reason"], registry=r
         )
+        self.rate_refusals = Counter(
+            "wsgateway_connect_rate_refusals",
+            "Connection attempts refused by the cluster-wide attempt rates (D23), by scope (ip, user) and by "
+            "where it was decided (process: from this instance's counts alone, before the token check or any "
+            "Redis work; cluster: by Redis)", ["scope", "decided"], registry=r,
+        )
+        self.leases = Gauge(
+            "wsgateway_cluster_leases", "Sockets of this instance holding a lease in the cluster-wide limits", registry=r
+        )
+        self.limits_local_only = Counter(
+            "wsgateway_limits_local_only",
+            "Sockets admitted on the per-process limits alone because Redis did not answer the lease request", registry=r,
+        )
         self.frames_rejected = Counter(
             "wsgateway_inbound_rejected", "Inbound frames that closed their socket, by reason", ["reason"], registry=r
         )

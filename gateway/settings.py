@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -24,9 +24,9 @@ from gateway.settings_values import (
     SettingsError as SettingsError,  # re-exported: callers know it here
 )
 from gateway.settings_values import redact_url_password as redact_url_password
+from gateway.settings_values import setting
 
 # The parsers keep the names they had when they were defined here.
-_Parser = _values.Parser
 _check_range, _convert = _values.check_range, _values.convert
 _parse_bool, _parse_level, _parse_list = _values.parse_bool, _values.parse_level, _values.parse_list
 _parse_nodes, _parse_optional_port = _values.parse_nodes, _values.parse_optional_port
@@ -40,32 +40,6 @@ MIN_SECRET_BYTES = 32
 ENVIRONMENTS = ("development", "test", "staging", "production")
 LOG_FORMATS = ("auto", "json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def setting(
-    default: Any,
-    env: str,
-    help: str,
-    *,
-    parse: _Parser | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    secret: bool = False,
-    factory: Callable[[], Any] | None = None,
-) -> Any:
-    meta = {
-        "env": env,
-        "help": help,
-        "parse": parse,
-        "minimum": minimum,
-        "maximum": maximum,
-        "choices": choices,
-        "secret": secret,
-    }
-    if factory is not None:
-        return attrs.field(factory=factory, metadata=meta)
-    return attrs.field(default=default, metadata=meta)
 
 
 def _hostname() -> str:
@@ -153,14 +127,36 @@ class Settings:
     )
     # --- limits --------------------------------------------------------------------------------
     max_connections_per_user: int = setting(
-        3, "WS_MAX_CONNECTIONS_PER_USER", "Open sockets per staff user (1008 beyond).", minimum=1, maximum=10000,
+        3, "WS_MAX_CONNECTIONS_PER_USER", "Open sockets per staff user, across every instance on one Redis (D23; "
+        "per process while Redis does not answer); beyond it HTTP 429 before the upgrade.", minimum=1, maximum=10000,
     )
     max_connections_per_session: int = setting(
-        10, "WS_MAX_CONNECTIONS_PER_SESSION", "Open diner sockets per table session (1008 beyond).",
+        10, "WS_MAX_CONNECTIONS_PER_SESSION", "Open diner sockets per table session, across every instance on one "
+        "Redis as WS_MAX_CONNECTIONS_PER_USER; beyond it HTTP 429 before the upgrade.",
         minimum=1, maximum=10000,
     )
     max_total_connections: int = setting(
         10000, "WS_MAX_TOTAL_CONNECTIONS", "Open sockets per process (1013 beyond).", minimum=1, maximum=1000000,
+    )
+    lease_ttl: float = setting(
+        30.0, "GATEWAY_LEASE_TTL",
+        "Seconds a socket's lease in the cluster-wide limits lasts unless renewed (every third of it): a killed "
+        "instance's sockets stop counting against the per-user and per-session limits within this time (D23).",
+        minimum=2, maximum=3600,
+    )
+    connect_rate_per_user: int = setting(
+        60, "WS_CONNECT_RATE_PER_USER",
+        "Connection attempts per staff user (per table session for diners) per window, cluster-wide; "
+        "beyond it HTTP 429 with Retry-After. 0: off.", minimum=0, maximum=1000000,
+    )
+    connect_rate_per_ip: int = setting(
+        1200, "WS_CONNECT_RATE_PER_IP",
+        "Connection attempts per client address per window, cluster-wide (proxies in GATEWAY_TRUSTED_PROXIES "
+        "are exempt; their clients count by X-Forwarded-For); beyond it HTTP 429 with Retry-After. 0: off.",
+        minimum=0, maximum=10000000,
+    )
+    connect_rate_window: float = setting(
+        60.0, "WS_CONNECT_RATE_WINDOW", "Window of the connection attempt rates, in seconds.", minimum=1, maximum=86400,
     )
     heartbeat_timeout: float = setting(
         60.0, "WS_HEARTBEAT_TIMEOUT", "A socket silent this long is closed 1001 by the sweeper.",

@@ -21,7 +21,9 @@ __all__ = ["Parser",
     "parse_optional_str",
     "parse_redis_url",
     "redact_url_password",
+    "setting",
 ]
+
 
 class SettingsError(ValueError):
     """An invalid setting. The message names the environment variable (or flag)."""
@@ -106,3 +108,31 @@ def check_range(field: attrs.Attribute[Any], value: Any, name: str) -> None:
             raise SettingsError(f"{name}: {value} is above the maximum {meta['maximum']}")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise SettingsError(f"{name}: {value!r} is not one of {', '.join(meta['choices'])}")
+
+
+def setting(
+    default: Any,
+    env: str,
+    help: str,
+    *,
+    parse: Parser | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """An attrs field of ``Settings``: its metadata names the variable, the parser, the range and the
+    help line that ``docs/configuration.md`` is generated from."""
+    meta = {
+        "env": env,
+        "help": help,
+        "parse": parse,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "secret": secret,
+    }
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=meta)
+    return attrs.field(default=default, metadata=meta)

@@ -1,7 +1,10 @@
 """Admission of a WebSocket: one decision before the 101, registration after it.
 
-:func:`decide` runs while the upgrade request waits: Origin, credential, role, revocation (one
-Redis ``MGET`` shared with concurrent handshakes), sectors and the connection limits. Its verdict is one of three:
+:func:`decide` runs while the upgrade request waits: the client address' attempt rate, Origin,
+credential, role, the user's attempt rate, the per-process limits, then one Redis round trip shared
+with concurrent handshakes (the revocation ``MGET`` and the cluster-wide lease script, D23), and
+sectors. The cheapest checks come first: a client hammering the gateway is refused by a count in
+this process before its token is verified. Its verdict is one of three:
 
 - a recoverable refusal (limits, Redis unavailable, draining) is answered **before** the upgrade,
   as HTTP 429/503 with ``Retry-After`` (D22). A browser then sees a failed connection (1006)
@@ -12,7 +15,8 @@ Redis ``MGET`` shared with concurrent handshakes), sectors and the connection li
 - an admitted principal, registered by :func:`register` once the 101 is out. Registration
   re-checks the limits without a checkpoint before adding to the index, so concurrent
   admissions cannot race past a limit; the rare socket that lost such a race is closed
-  1008/1013 after the 101.
+  1008/1013 after the 101. The socket's cluster-wide lease is given back when it closes
+  (:meth:`Admission.finished`), or at once if it is never registered.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
+from gateway.access.limiter import ClusterLimiter, Grant, Lease
 from gateway.access.revocation import Revocation
 from gateway.access.sectors import SectorSource
 from gateway.core import closecodes
@@ -34,7 +39,7 @@ from gateway.core.closecodes import Close
 from gateway.core.credentials import Credentials
 from gateway.core.model import Endpoint, Principal
 from gateway.core.origins import origin_allowed
-from gateway.logs import redact_target
+from gateway.logs import RateLimitedLog, redact_target
 from gateway.metrics import Metrics
 from gateway.serving.registry import SocketRegistry
 from gateway.settings import Settings
@@ -51,6 +56,9 @@ REFUSALS: Mapping[str, tuple[int, str, int]] = {
     "limit_total": (503, "Try again later", 5),
     "limit_user": (429, "Too many connections", 5),
     "limit_session": (429, "Too many connections", 5),
+    # Retry-After: when the attempt rate would allow the next one (at least 1 s).
+    "rate_ip": (429, "Too many connection attempts", 1),
+    "rate_user": (429, "Too many connection attempts", 1),
 }
 #: The close code a registration that lost a race to a limit gets after the 101.
 _LATE_CLOSE: Mapping[str, Close] = {
@@ -72,6 +80,10 @@ class Verdict:
     refusal: str | None = None
     reason: str = ""
     who: Mapping[str, object] = attrs.Factory(dict)
+    #: The socket's cluster-wide lease (admitted verdicts; None when Redis did not grant one).
+    lease: Lease | None = None
+    #: Seconds for ``Retry-After`` when the refusal knows better than :data:`REFUSALS`.
+    retry_after: int | None = None
 
 
 def _reject(close: Close, reason: str, **who: object) -> Verdict:
@@ -80,6 +92,11 @@ def _reject(close: Close, reason: str, **who: object) -> Verdict:
 
 def _refuse(reason: str) -> Verdict:
     return Verdict(refusal=reason, reason=reason)
+
+
+def _refuse_grant(grant: Grant) -> Verdict:
+    assert grant.refusal is not None
+    return Verdict(refusal=grant.refusal, reason=grant.refusal, retry_after=grant.retry_after)
 
 
 @attrs.frozen
@@ -108,6 +125,8 @@ class Admission:
     metrics: Metrics
     revocation: Revocation
     sectors: SectorSource
+    limiter: ClusterLimiter
+    _rate_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=10.0))
 
     def over_limit(self, principal: Principal) -> str | None:
         """The limit a new socket of ``principal`` would break (D5), or None. Never checkpoints."""
@@ -124,10 +143,14 @@ class Admission:
             return "limit_user"
         return None
 
-    async def decide(self, endpoint: Endpoint, target: str, origin: str | None) -> Verdict:
-        """Everything that can be known about an upgrade request before answering it."""
+    async def decide(self, endpoint: Endpoint, target: str, origin: str | None, client: str = "-") -> Verdict:
+        """Everything that can be known about an upgrade request before answering it (``client``:
+        the client's address, see ``gateway.core.clientip``)."""
         if self.registry.draining:
             return _refuse("draining")
+        rated = self.limiter.check_ip(client)
+        if rated is not None:
+            return _refuse_grant(rated)
         if not origin_allowed(origin, self.origins, bypass_missing=self.limits.bypass_missing_origin):
             return _reject(closecodes.ORIGIN_NOT_ALLOWED, "origin")
         query = parse_qs(urlsplit(target).query, keep_blank_values=True)
@@ -149,29 +172,50 @@ class Admission:
                                    branches=sorted(claims.branch_ids), user=claims.user_id)
         except AuthError as exc:
             return _reject(exc.close, exc.reason)
-        # A socket over a limit is refused before any Redis work: a hammering client costs a
-        # signature check, not a round trip.
+        # Over a rate or a limit of this process: refused before any Redis work.
+        rated = self.limiter.check_user(principal)
+        if rated is not None:
+            return _refuse_grant(rated)
         limit = self.over_limit(principal)
         if limit is not None:
             return _refuse(limit)
-        if not principal.is_diner:
-            revoked = await self.revocation.check_one(principal)
-            if revoked is None:
-                return _refuse("redis_unavailable")
+        # The lease request is queued first, without a checkpoint, so the revocation check joins
+        # the same batch: one round trip for both.
+        request = self.limiter.request(principal, client)
+        revoked = None if principal.is_diner else await self.revocation.check_one(principal)
+        grant = await self.limiter.grant(request)
+        try:
+            # A revoked token is final (D1), whatever the limits say.
             if revoked:
+                self.limiter.release(grant.lease)
                 return _reject(closecodes.TOKEN_EXPIRED_OR_REVOKED, "revoked")
-            if principal.is_plain_waiter or endpoint == "waiter":
-                principal = await self.sectors.assign(principal, refresh=False)
-        return Verdict(principal=principal, token=token)
+            if grant.refusal is not None:
+                return _refuse_grant(grant)
+            if not principal.is_diner:
+                if revoked is None:
+                    self.limiter.release(grant.lease)
+                    return _refuse("redis_unavailable")
+                if principal.is_plain_waiter or endpoint == "waiter":
+                    principal = await self.sectors.assign(principal, refresh=False)
+        except BaseException:
+            self.limiter.release(grant.lease)
+            raise
+        return Verdict(principal=principal, token=token, lease=grant.lease)
 
     def count_refusal(self, verdict: Verdict, target: str, client: str) -> tuple[int, str, int]:
         """Count and log a refusal before the upgrade; the HTTP status, detail and Retry-After."""
         assert verdict.refusal is not None
         self.metrics.rejections.labels(verdict.refusal).inc()
         self.registry.count_rejection(verdict.refusal)
-        log.info("upgrade refused", extra={"client": client, "reason": verdict.refusal,
-                                           "target": redact_target(target)})
-        return REFUSALS[verdict.refusal]
+        if verdict.retry_after is not None:
+            # A hammering client would fill the log: the first refusal, then counts.
+            self._rate_log.warning("upgrade refused: too many connection attempts", reason=verdict.refusal,
+                                   client=client, target=redact_target(target))
+        else:
+            log.info("upgrade refused", extra={"client": client, "reason": verdict.refusal,
+                                               "target": redact_target(target)})
+        status, detail, retry_after = REFUSALS[verdict.refusal]
+        return status, detail, verdict.retry_after or retry_after
 
     def register(self, conn: Connection, verdict: Verdict, target: str) -> Close | None:
         """After the 101: register an admitted socket, or say how to close it. Never checkpoints,
@@ -183,6 +227,7 @@ class Admission:
         conn.principal = principal
         late = self.over_limit(principal)
         if late is not None:
+            self.limiter.release(verdict.lease)
             return self._rejected(conn, _LATE_CLOSE[late], late, target)
         conn.token = verdict.token
         self.registry.index.add(conn, principal)
@@ -195,6 +240,10 @@ class Admission:
             conn.refresh_sectors = self.refresh_sectors
         log.debug("socket registered", extra=conn.log_context())
         return None
+
+    def finished(self, verdict: Verdict) -> None:
+        """The socket of an admitted verdict is gone (or was never opened): its lease goes."""
+        self.limiter.release(verdict.lease)
 
     def _rejected(self, conn: Connection, close: Close, reason: str, target: str, **who: object) -> Close:
         self.metrics.rejections.labels(reason).inc()

@@ -77,7 +77,8 @@ def legacy_rejection(reason: str) -> str | None:
     """Which legacy counter (``limit``, ``auth``) a rejection reason counts in, if any."""
     if reason == "limit_total":
         return "limit"
-    if reason in ("limit_user", "limit_session", "draining", "redis_unavailable", "pending_total", "pending_ip"):
+    if reason in ("limit_user", "limit_session", "draining", "redis_unavailable", "pending_total", "pending_ip",
+                  "rate_ip", "rate_user"):
         return None
     return "auth"
 

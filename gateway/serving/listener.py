@@ -263,7 +263,8 @@ class Listener:
                         return None
                     endpoint = _WS_PATHS[path]
                     origin = _header(event.headers, b"origin")
-                    verdict = await self.admission.decide(endpoint, target, origin.decode("latin-1") if origin is not None else None)
+                    verdict = await self.admission.decide(endpoint, target, origin.decode("latin-1") if origin is not None else None,
+                                                          client)
                     if verdict.refusal is not None:
                         # Recoverable (D22): answered before the upgrade, so no client sees an open
                         # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
@@ -272,7 +273,13 @@ class Listener:
                                                 headers=((b"retry-after", str(retry_after).encode()),))
                         await _send_response(conn, stream, response, route="websocket", metrics=self.metrics)
                         return None
-                    return await self._accept_websocket(stream, conn, event, endpoint, client, verdict)
+                    upgrade: Upgrade | None = None
+                    try:
+                        upgrade = await self._accept_websocket(stream, conn, event, endpoint, client, verdict)
+                    finally:
+                        if upgrade is None:  # no socket after all: its cluster-wide lease goes
+                            self.admission.finished(verdict)
+                    return upgrade
                 body = b""
                 with trio.move_on_after(settings.handshake_timeout) as body_scope:
                     while True:
@@ -367,6 +374,7 @@ class Listener:
                 await conn.finish_close()
                 nursery.cancel_scope.cancel()
         finally:
+            self.admission.finished(verdict)
             self.registry.sockets.discard(conn)
             if conn in self.registry.index:
                 self.registry.index.remove(conn)
