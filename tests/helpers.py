@@ -8,9 +8,12 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
 from gateway.core.model import Principal
 from gateway.settings import Settings
-from gateway_testing import staff_token
+from gateway_testing import DEFAULT_ORIGIN, staff_token
 
 
 def dev_staff_token(user: int, **kwargs: Any) -> str:
@@ -60,3 +63,34 @@ def diner(tenant: int, branch: int, session: int) -> Principal:
         session_id=session,
         table_id=session + 1000,
     )
+
+
+async def attempt(port: int, endpoint: str, token: str, *, forwarded: str | None = None,
+                  hold: trio.Event | None = None) -> tuple[int, str | None]:
+    """One connection attempt: (101, None) once admitted and answering a ping (held open until
+    ``hold`` is set), (close code, None) when closed after the upgrade, else the refusal's
+    (status, Retry-After)."""
+    param = "table_token" if endpoint == "diner" else "token"
+    headers = [("Origin", DEFAULT_ORIGIN)] + ([("X-Forwarded-For", forwarded)] if forwarded else [])
+    try:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/{endpoint}?{param}={token}",
+                                      extra_headers=headers) as ws:
+            await ws.send_message("ping")
+            with trio.fail_after(10):
+                try:
+                    await ws.get_message()
+                except ConnectionClosed as exc:
+                    return (exc.reason.code if exc.reason else 1006), None
+            if hold is not None:
+                await hold.wait()
+            return 101, None
+    except ConnectionRejected as exc:
+        retry = dict(exc.headers or ()).get(b"retry-after")
+        return exc.status_code, retry.decode() if retry else None
+
+
+async def until_admitted(port: int, endpoint: str, token: str, within: float) -> None:
+    """Retry as a client backing off would (faster), until admitted."""
+    with trio.fail_after(within):
+        while (await attempt(port, endpoint, token))[0] != 101:  # noqa: ASYNC110 - a client retrying
+            await trio.sleep(0.2)

@@ -22,8 +22,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from helpers import metric_value
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from helpers import attempt, metric_value, until_admitted
 
 from gateway.access import limiter as limiter_module
 from gateway.access.limiter import ClusterLimiter
@@ -35,41 +34,10 @@ from gateway.redisio.embedded import RedisProcess
 from gateway.redisio.embedded_config import RedisConfig, free_port
 from gateway.redisio.guards import RedisGuards, RedisHealth
 from gateway.settings import Settings, SettingsError
-from gateway_testing import DEFAULT_ORIGIN, GatewayHandle, WSClient, test_settings
+from gateway_testing import GatewayHandle, WSClient, test_settings
 
 Factory = Callable[..., Awaitable[GatewayHandle]]
 GATEWAY_BIN = Path(sys.executable).with_name("gateway")
-
-
-async def attempt(port: int, endpoint: str, token: str, *, forwarded: str | None = None,
-                  hold: trio.Event | None = None) -> tuple[int, str | None]:
-    """One connection attempt: (101, None) once admitted and answering a ping (held open until
-    ``hold`` is set), (close code, None) when closed after the upgrade, else the refusal's
-    (status, Retry-After)."""
-    param = "table_token" if endpoint == "diner" else "token"
-    headers = [("Origin", DEFAULT_ORIGIN)] + ([("X-Forwarded-For", forwarded)] if forwarded else [])
-    try:
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/{endpoint}?{param}={token}",
-                                      extra_headers=headers) as ws:
-            await ws.send_message("ping")
-            with trio.fail_after(10):
-                try:
-                    await ws.get_message()
-                except ConnectionClosed as exc:
-                    return (exc.reason.code if exc.reason else 1006), None
-            if hold is not None:
-                await hold.wait()
-            return 101, None
-    except ConnectionRejected as exc:
-        retry = dict(exc.headers or ()).get(b"retry-after")
-        return exc.status_code, retry.decode() if retry else None
-
-
-async def until_admitted(port: int, endpoint: str, token: str, within: float) -> None:
-    """Retry as a client backing off would (faster), until admitted."""
-    with trio.fail_after(within):
-        while (await attempt(port, endpoint, token))[0] != 101:  # noqa: ASYNC110 - a client retrying
-            await trio.sleep(0.2)
 
 
 async def open_sockets(handle: GatewayHandle, endpoint: str, token: str, count: int) -> list[WSClient]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import trio
+from helpers import attempt, until_admitted
 
 from gateway.core.cluster import key_slot
 from gateway.core.events import encode_envelope, envelope
@@ -216,3 +217,34 @@ async def test_the_stream_reader_follows_its_slot_to_another_master(
 
 def resp_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_limits_and_attempt_rates_hold_across_instances_on_a_cluster(
+    redis_cluster: ClusterSet, gateway_factory: Any
+) -> None:
+    """D23 on a cluster: each limiter script's keys share one hash tag, so the per-user and
+    per-session leases work wherever their slot is; the revocation MGET spans slots."""
+    rc = redis_cluster
+    a, b = await start(gateway_factory, rc), await start(gateway_factory, rc)
+    token = a.staff_token(user=7)
+    held = [await a.connect("waiter", token) for _ in range(2)] + [await b.connect("waiter", token)]
+    for client in held:
+        await client.still_served()
+    for handle in (a, b):
+        assert await attempt(handle.port, "waiter", token) == (429, "5")
+    # Leases of users and sessions in several slots, hence on several masters.
+    users = [a.staff_token(user=u) for u in range(20, 26)]
+    assert len({await rc.port_of(f"{{gw:limits:user:1:{u}}}") for u in range(20, 26)}) > 1
+    for user_token in users:
+        assert (await attempt(b.port, "waiter", user_token))[0] == 101
+    table = a.table_token(session=9)
+    diners = [await a.connect("diner", table) for _ in range(6)] + [await b.connect("diner", table) for _ in range(4)]
+    for client in diners:
+        await client.still_served()
+    assert await attempt(b.port, "diner", table) == (429, "5")
+    # A slot freed on one instance is used on the other.
+    await held[0].aclose()
+    await a.settled(1 + 6)  # one waiter and six diners left on a
+    await until_admitted(b.port, "waiter", token, within=10)
+    key = "{gw:limits:user:1:7}"
+    assert await command(await rc.port_of(key), "EXISTS", key) == 1
