@@ -81,6 +81,9 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             ).encode()
         )
     ping = client_frame(0x1, b"ping")
+    # A v2 client's first message (docs/protocol.md §10): nothing to resume. Until the first
+    # message (at most 2 s) the gateway holds the socket's live events.
+    resume = client_frame(0x1, b'{"type":"resume","positions":{}}')
 
     def read_stdin() -> bool:
         """Add what the parent wrote to ``stdin_buf``; False once stdin is closed."""
@@ -213,7 +216,9 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                         pos = end
                         continue
                 if seq is None:
-                    if payload == PONG:
+                    if v2 and payload.startswith(b'{"type":"resumed"'):
+                        pass
+                    elif payload == PONG:
                         c.pongs += 1
                         if c.t_pong is None:
                             c.t_pong = now
@@ -289,6 +294,11 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             opened += 1
             if c.want <= 0:
                 complete += 1
+            if v2:
+                try:
+                    c.sock.send(resume)
+                except OSError as exc:
+                    c.error = f"resume: {exc}"
             if ping_on_open:
                 try:
                     c.sock.send(ping)
