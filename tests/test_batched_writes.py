@@ -156,3 +156,42 @@ async def test_a_burst_reaches_every_socket_once_and_in_order_and_the_slow_one_i
             pass
     assert seqs == list(range(len(seqs))) and len(seqs) < BURST
     await slow.drop()
+
+
+async def test_jobs_of_one_wake_up_share_one_write_per_socket_and_report_job_by_job() -> None:
+    from gateway.core.dedup import Deduper
+    from gateway.core.events import encode_envelope, envelope, parse_event
+    from gateway.core.index import ConnectionIndex
+    from gateway.core.model import Principal
+    from gateway.fanout.broadcast import Broadcaster, Job
+
+    index: ConnectionIndex[Connection] = ConnectionIndex()
+    pairs = [_pair() for _ in range(3)]
+    for n, (conn, _peer) in enumerate(pairs):
+        index.add(conn, Principal("waiter", 1, 100 + n, frozenset({2})))
+    broadcaster = Broadcaster(index, Metrics(), Deduper(5.0, 5.0))
+
+    made: dict[tuple[int, int], Any] = {}
+
+    def event(seq: int, branch: int = 2) -> Any:
+        if (seq, branch) not in made:
+            made[seq, branch] = parse_event(encode_envelope(envelope("ROUND_PENDING", 1, branch, table_id=5, entity={"seq": seq})),
+                                            max_size=65536)
+        return made[seq, branch]
+
+    reports: list[tuple[str, list[bool]]] = []
+    jobs = [
+        Job([event(0), event(1)], "stream", trio.current_time(), lambda o: reports.append(("a", o))),
+        Job([event(2), event(1), event(3, branch=9)], "pubsub", trio.current_time(), lambda o: reports.append(("b", o))),
+        Job([event(4)], "stream", trio.current_time(), lambda o: reports.append(("c", o))),
+    ]
+    broadcaster.run_jobs(jobs)
+    # Each job reports once, in order, one flag per event (a duplicate or an event nobody gets
+    # was still handled: True).
+    assert reports == [("a", [True, True]), ("b", [True, True, True]), ("c", [True])]
+    expected = b"".join(text_frame(event(i).frame_payload) for i in (0, 1, 2, 4))
+    for conn, peer in pairs:
+        assert await _read_exactly(peer, len(expected)) == expected
+        assert not conn.outbox
+        peer.close()
+    assert broadcaster.metrics.frames_delivered._value.get() == 12

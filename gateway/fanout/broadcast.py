@@ -102,22 +102,47 @@ class Broadcaster:
         return sent
 
     def run_job(self, job: Job) -> None:
-        """Dispatch a job's events in order and report how each went.
+        """Dispatch a job's events in order and report how each went."""
+        self.run_jobs([job])
 
-        A job of several events is routed event by event first, collecting each socket's frames in
-        event order; then every socket gets its frames of the job in one write
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Dispatch the events of ``jobs`` in order, then report how each went, job by job.
+
+        Jobs of several events are routed event by event first, collecting each socket's frames in
+        event order; then every socket gets all its frames in one write
         (:meth:`Connection.deliver_many`). Nothing checkpoints in between, so no other task sees a
         socket between two of its frames, and each socket still receives events in the order read.
         """
-        events = job.events
-        if len(events) == 1:
-            self._run_one(job)
+        if len(jobs) == 1 and len(jobs[0].events) == 1:
+            self._run_one(jobs[0])
             return
+        frames_of: dict[Connection, list[bytes]] = {}
+        results: list[list[bool]] = []
+        reached: list[int] = []
+        for job in jobs:
+            results.append(self._collect(job, frames_of, reached))
+        sent = direct = 0
+        for conn, frames in frames_of.items():
+            handed, whole = conn.deliver_many(frames)
+            sent += handed
+            direct += whole
+        if frames_of:
+            self.metrics.frames_delivered.inc(sent)
+            self.metrics.direct_writes.inc(direct)
+        now = trio.current_time()
+        for job, count in zip(jobs, reached, strict=True):
+            for _ in range(count):
+                self.metrics.delivery_latency.observe(now - job.received_at)
+        for job, outcomes in zip(jobs, results, strict=True):
+            if job.on_done is not None:
+                job.on_done(outcomes)
+
+    def _collect(self, job: Job, frames_of: dict[Connection, list[bytes]], reached: list[int]) -> list[bool]:
+        """Route a job's events, appending each recipient's frame to ``frames_of``."""
         outcomes: list[bool] = []
         positions = job.positions
-        frames_of: dict[Connection, list[bytes]] = {}
-        reached = 0
-        for i, event in enumerate(events):
+        count = 0
+        for i, event in enumerate(job.events):
             try:
                 targets = self._route(event, job.source)
             except Exception:
@@ -128,7 +153,7 @@ class Broadcaster:
             outcomes.append(True)
             if not targets:
                 continue
-            reached += 1
+            count += 1
             frame = text_frame(event.frame_payload)
             v2: V2Frames | None = None
             for conn in targets:
@@ -146,19 +171,8 @@ class Broadcaster:
                     frames_of[conn] = [out]
                 else:
                     pending.append(out)
-        sent = direct = 0
-        for conn, frames in frames_of.items():
-            handed, whole = conn.deliver_many(frames)
-            sent += handed
-            direct += whole
-        if frames_of:
-            self.metrics.frames_delivered.inc(sent)
-            self.metrics.direct_writes.inc(direct)
-        latency = trio.current_time() - job.received_at
-        for _ in range(reached):
-            self.metrics.delivery_latency.observe(latency)
-        if job.on_done is not None:
-            job.on_done(outcomes)
+        reached.append(count)
+        return outcomes
 
     def _run_one(self, job: Job) -> None:
         event = job.events[0]
@@ -174,13 +188,18 @@ class Broadcaster:
 
     async def worker(self, jobs: trio.MemoryReceiveChannel[Job]) -> None:
         async for job in jobs:
-            self.run_job(job)
-            # Whatever else is already queued goes in the same wake-up, in order.
+            # Whatever else is already queued goes in the same wake-up, in order, and each socket
+            # gets its frames of all of them in one write.
+            batch = [job]
+            ended = False
             while True:
                 try:
-                    job = jobs.receive_nowait()
+                    batch.append(jobs.receive_nowait())
                 except trio.WouldBlock:
                     break
                 except trio.EndOfChannel:
-                    return
-                self.run_job(job)
+                    ended = True
+                    break
+            self.run_jobs(batch)
+            if ended:
+                return
