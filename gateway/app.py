@@ -54,6 +54,7 @@ from gateway.metrics import Metrics
 from gateway.redisio.client import make_client
 from gateway.redisio.embedded import run_embedded_redis
 from gateway.redisio.guards import RedisGuards, RedisHealth
+from gateway.serving import accept
 from gateway.serving.appender import StreamAppender
 from gateway.serving.catchup_http import CatchupRoutes
 from gateway.serving.connection import Connection
@@ -184,11 +185,10 @@ async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
             gw.admin_port = admin[0].socket.getsockname()[1]
         task_status.started(port)
         async with trio.open_nursery() as both:
-            both.start_soon(functools.partial(trio.serve_listeners, gw.listener.handle_tcp, listeners,
-                                              handler_nursery=conns))
+            both.start_soon(accept.serve_listeners, gw.listener.handle_tcp, listeners, conns)
             if admin:
-                both.start_soon(functools.partial(trio.serve_listeners, functools.partial(gw.listener.handle_tcp, admin=True),
-                                                  admin, handler_nursery=conns))
+                both.start_soon(accept.serve_listeners, functools.partial(gw.listener.handle_tcp, admin=True),
+                                admin, conns)
 
 
 async def _serve(settings: Settings, url: str, task_status: trio.TaskStatus[Gateway]) -> None:
