@@ -263,6 +263,7 @@ async def run_until_signalled(settings: Settings) -> None:
             # Start-up objects (modules, settings, registries) live as long as the process: keep
             # them out of every later full collection, which otherwise stalls admission in a storm.
             gc.freeze()
+            gw.listener.freezer.enabled = True  # and so, from now on, are admitted sockets
             async for signum in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signum).name})
                 if gw.stop_requested.is_set():

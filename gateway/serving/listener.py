@@ -33,6 +33,7 @@ from gateway.core.pending import PendingConnections
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.serving.connection import Connection
+from gateway.serving.gcfreeze import AdmissionFreezer
 from gateway.serving.handshake import accept_upgrade
 from gateway.serving.http import HttpApp
 from gateway.serving.http_types import Response, text_response
@@ -221,6 +222,8 @@ class Listener:
     http: HttpApp
     trusted_proxies: tuple[Network, ...]
     protocol_v2: ProtocolV2
+    #: Keeps admitted sockets out of full garbage collections (the daemon turns it on).
+    freezer: AdmissionFreezer = attrs.Factory(AdmissionFreezer)
     _pending_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     #: Ids of this listener's sockets, in accept order (they appear in its logs).
     _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
@@ -432,6 +435,7 @@ class Listener:
                 rejection = self.admission.register(conn, verdict, target)
                 if rejection is None:
                     slot.release()  # an admitted socket counts in the connection limits instead
+                    self.freezer.admitted()
                     if version == 2:
                         self.protocol_v2.start(conn, nursery)  # the welcome, before any event
                     await self.run_connection(conn)
