@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from test_fanout import eventually
 
 from gateway_testing import GatewayHandle
 
@@ -32,9 +33,7 @@ async def test_admitted_sockets_are_frozen_and_freed_when_closed(gateway: Gatewa
     assert len(conns) == 20 and all(ref() is not None for ref in conns)
     for client in clients:
         await client.ws.aclose()
-    with trio.fail_after(20):
-        while len(gateway.gw.index) or len(gateway.gw.sockets):
-            await trio.sleep(0.01)
+    await eventually(lambda: not gateway.gw.index and not gateway.gw.sockets, 20)
     del clients
     await trio.sleep(0.1)
     # No cycle holds a closed socket: reference counting alone frees the frozen objects.
