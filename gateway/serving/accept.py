@@ -66,8 +66,8 @@ async def accept_loop(handler: Handler, listener: trio.SocketListener, handler_n
                         continue
                     if exc.errno not in CAPACITY_ERRNOS:
                         raise
-                    log.error("accept failed: %s; retrying in %s s", errno.errorcode.get(exc.errno or 0, "?"),
-                              CAPACITY_PAUSE)
+                    log.error("accept returned %s (%s); retrying in %s seconds",
+                              errno.errorcode.get(exc.errno or 0, "?"), os.strerror(exc.errno or 0), CAPACITY_PAUSE)
                     await trio.sleep(CAPACITY_PAUSE)
                     break
                 conn.setblocking(False)
