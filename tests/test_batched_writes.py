@@ -195,3 +195,36 @@ async def test_jobs_of_one_wake_up_share_one_write_per_socket_and_report_job_by_
         assert not conn.outbox
         peer.close()
     assert broadcaster.metrics.frames_delivered._value.get() == 12
+
+
+async def test_the_writer_task_exists_only_once_a_write_would_block() -> None:
+    conn, peer = _pair(small_buffers=True)
+    async with trio.open_nursery() as nursery:
+        conn.attach(nursery)
+        small = _frames(3, 10)
+        assert conn.deliver_many(small) == (3, 3)
+        assert not nursery.child_tasks  # an idle socket: written directly, no task
+        big = _frames(50, 3000)
+        conn.deliver_many(big)
+        assert len(nursery.child_tasks) == 1  # the kernel did not take it all: the writer runs
+        conn.deliver_many(_frames(2, 3000))
+        assert len(nursery.child_tasks) == 1  # and only one
+        expected = b"".join(small + big + _frames(2, 3000))
+        assert await _read_exactly(peer, len(expected)) == expected
+        nursery.cancel_scope.cancel()
+    peer.close()
+
+
+async def test_closing_an_idle_socket_starts_a_writer_for_the_close_frame() -> None:
+    conn, peer = _pair()
+    async with trio.open_nursery() as nursery:
+        conn.attach(nursery)
+        assert conn.deliver_many(_frames(2, 10)) == (2, 2)
+        conn.begin_close(closecodes.NORMAL)
+        assert len(nursery.child_tasks) == 1
+        data = await _read_exactly(peer, sum(map(len, _frames(2, 10))) + 4)
+        assert data.endswith(b"\x88\x02\x03\xe8")  # the close frame, 1000, after the events
+        with trio.fail_after(10):
+            await conn.finish_close(timeout=0.2)  # the client never answers: bounded
+        nursery.cancel_scope.cancel()
+    peer.close()

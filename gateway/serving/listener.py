@@ -431,7 +431,7 @@ class Listener:
         self.registry.sockets.add(conn)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.writer)
+                conn.attach(nursery)  # its writer task starts only if a write would block
                 rejection = self.admission.register(conn, verdict, target)
                 if rejection is None:
                     slot.release()  # an admitted socket counts in the connection limits instead
