@@ -1,9 +1,11 @@
 """Fan-out: one validated event in, one encoded frame out to each member of its audience.
 
 Redis readers put :class:`Job` objects (the events of one read) on a bounded memory channel; one
-broadcast worker takes them in order and calls :meth:`Broadcaster.dispatch`. ``dispatch`` is
-synchronous (it never checkpoints), so each socket sees events in the order they were read, and the
-index and dedup state need no locks. It is one task on purpose: the work is CPU-bound on one thread,
+broadcast worker takes every job queued at a wake-up, in order, and hands them to
+:meth:`Broadcaster.run_jobs`: a lone event is dispatched at once (:meth:`Broadcaster.dispatch`);
+several are routed first and each socket then gets all its frames of them in one write. Both are
+synchronous (they never checkpoint), so each socket sees events in the order they were read, and
+the index and dedup state need no locks. It is one task on purpose: the work is CPU-bound on one thread,
 and Trio may run two woken workers in either order, which would reorder events.
 """
 
