@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.fanout --sockets 1000 --events 200 --rate 20 [--payload 200]
         [--clients 2] [--direct-write 0|1] [--role waiter|admin] [--client-impl raw|trio-websocket]
-        [--profile]
+        [--protocol v1|v2] [--profile]
 
 What it does, every step bounded in time:
 
@@ -71,7 +71,13 @@ from bench.lib.results import (
     stamp,
 )
 from bench.lib.tokens import staff_token
-from bench.workloads.broadcast import BRANCH, build_event, count_deliveries, padding_for
+from bench.workloads.broadcast import (
+    BRANCH,
+    build_event,
+    check_positions,
+    count_deliveries,
+    padding_for,
+)
 from gateway.settings import Settings
 
 
@@ -109,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="raw: epoll + minimal RFC 6455 reader (cheap); trio-websocket: a task per socket",
     )
     p.add_argument(
+        "--protocol",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v2: the clients offer the subprotocol integrador.v2 (D20); frames carry _pos, and "
+        "every socket's welcome and every event's position are checked too (raw client only)",
+    )
+    p.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to open all sockets"
     )
     p.add_argument(
@@ -130,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--clients must be within 1..16 and not above --sockets")
     if not 0 <= args.payload <= 60000:
         p.error("--payload must be within 0..60000")
+    if args.protocol == "v2" and args.client_impl != "raw":
+        p.error("--protocol v2 needs --client-impl raw")
     if args.sockets * args.events > 20_000_000:
         p.error("--sockets × --events must stay below 20 million frames")
     return args
@@ -142,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"-c{args.clients}-dw{args.direct_write}"
         + ("" if args.role == "waiter" else f"-{args.role}")
         + ("" if args.client_impl == "raw" else "-trio")
+        + ("" if args.protocol == "v1" else "-v2")
         + ("-prof" if args.profile else "")
     )
     log_dir = tempfile.mkdtemp(prefix="gw-bench-")
@@ -190,6 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "connect_timeout": args.connect_timeout,
                 "deadline": deadline,
                 "impl": args.client_impl,
+                "protocol": 2 if args.protocol == "v2" else 1,
             },
         )
         log(
@@ -287,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # --- analyse ---------------------------------------------------------------------------
         d = count_deliveries(results, pub_times, t_first_pub)
+        positions = check_positions(results, args.events) if args.protocol == "v2" else None
         delivered = d.delivered
         expected_all = args.sockets * args.events
         missing = expected_all - d.delivered
@@ -311,7 +329,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "missing": missing,
             "duplicates": d.duplicates,
             "out_of_order": d.out_of_order,
-            "complete": complete and missing == 0,
+            "complete": complete and missing == 0 and (positions is None or positions["ok"]),
+            "protocol": args.protocol,
+            **({"v2_check": positions} if positions is not None else {}),
             "frames_per_s": round(delivered / window, 1),
             "latency_ms": rounded(lat),
             "server_cpu_us_per_frame": round(gateway_cpu / delivered * 1e6, 2)
@@ -389,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             title = (
                 f"fanout: {args.sockets} sockets × {args.events} events at {args.rate:g}/s, "
                 f"{event_bytes} B, direct_write={args.direct_write}, {args.clients} clients "
-                f"({args.client_impl}); p50 {lat.get('p50', 0):.1f} ms, p99 {lat.get('p99', 0):.1f} ms, "
+                f"({args.client_impl}, {args.protocol}); p50 {lat.get('p50', 0):.1f} ms, p99 {lat.get('p99', 0):.1f} ms, "
                 f"{result['server_cpu_us_per_frame']} µs/frame"
             )
             save_result(

@@ -56,6 +56,7 @@ from gateway.metrics import Metrics
 from gateway.redisio.embedded import run_embedded_redis
 from gateway.redisio.guards import RedisGuards, RedisHealth
 from gateway.redisio.topology import Standalone, Topology, topology_of
+from gateway.serving import accept
 from gateway.serving.appender import StreamAppender
 from gateway.serving.catchup_http import CatchupRoutes
 from gateway.serving.connection import Connection
@@ -189,11 +190,10 @@ async def _listen(gw: Gateway, conns: trio.Nursery, scope: trio.CancelScope,
             gw.admin_port = admin[0].socket.getsockname()[1]
         task_status.started(port)
         async with trio.open_nursery() as both:
-            both.start_soon(functools.partial(trio.serve_listeners, gw.listener.handle_tcp, listeners,
-                                              handler_nursery=conns))
+            both.start_soon(accept.serve_listeners, gw.listener.handle_tcp, listeners, conns)
             if admin:
-                both.start_soon(functools.partial(trio.serve_listeners, functools.partial(gw.listener.handle_tcp, admin=True),
-                                                  admin, handler_nursery=conns))
+                both.start_soon(accept.serve_listeners, functools.partial(gw.listener.handle_tcp, admin=True),
+                                admin, conns)
 
 
 async def _serve(settings: Settings, topology: Topology, task_status: trio.TaskStatus[Gateway]) -> None:
@@ -270,6 +270,7 @@ async def run_until_signalled(settings: Settings) -> None:
             # Start-up objects (modules, settings, registries) live as long as the process: keep
             # them out of every later full collection, which otherwise stalls admission in a storm.
             gc.freeze()
+            gw.listener.freezer.enabled = True  # and so, from now on, are admitted sockets
             async for signum in signals:
                 log.info("signal received", extra={"signal": signal.Signals(signum).name})
                 if gw.stop_requested.is_set():

@@ -357,7 +357,13 @@ class GatewayClient:
                     await self._catch_up(token, since)
                 if self.speaking_v2 and self.v2 is not None:
                     # Resume first: the gateway holds live events until this message.
-                    await ws.send_message(self.v2.resume_message())
+                    try:
+                        await ws.send_message(self.v2.resume_message())
+                    except ConnectionClosed as exc:
+                        # The close can arrive with the 101 itself (a credential refused after
+                        # the handshake, D1): the same outcome as one the read loop sees.
+                        self._closed_by_server(exc)
+                        nursery.cancel_scope.cancel()
                     if callable(self._token):
                         nursery.start_soon(self.v2.refresher, ws.send_message, self._token)
                 nursery.start_soon(self._read_loop, live)
@@ -380,9 +386,12 @@ class GatewayClient:
                 if isinstance(message, str):
                     self._on_text(live, message)
         except ConnectionClosed as exc:
-            close = exc.reason
-            self._remote_close = (close.code, close.reason or "") if close is not None else (ABNORMAL, "")
+            self._closed_by_server(exc)
             live.nursery.cancel_scope.cancel()
+
+    def _closed_by_server(self, exc: ConnectionClosed) -> None:
+        close = exc.reason
+        self._remote_close = (close.code, close.reason or "") if close is not None else (ABNORMAL, "")
 
     def _on_text(self, live: LiveSocket, text: str) -> None:
         try:

@@ -27,7 +27,10 @@ Optional configuration keys (``raw`` only; used by ``bench.routed``, ``bench.sto
   ``{"type":"pong"}`` arrives (the gateway reads messages only once the socket is authenticated
   and registered, so the pong marks the end of admission);
 - ``ping_interval``: every open socket sends ``ping`` this often (seconds; spread over sockets),
-  as the TS clients do every 30 s.
+  as the TS clients do every 30 s;
+- ``protocol``: 2 to offer the subprotocol ``integrador.v2`` (D20): the 101 must select it, each
+  socket sends ``{"type":"resume","positions":{}}`` first, its first frame must be the welcome
+  (``welcome`` per socket in the result) and every event's ``_pos`` is reported (``v2``).
 
 Per socket the result also carries ``t_start`` (before ``connect``), ``t_open`` (101 received),
 ``t_pong`` (first pong received), all ``time.monotonic()``, and ``pongs``.

@@ -13,6 +13,8 @@ ORIGIN = "http://localhost:5173"
 MAX_CONNECTING = 64
 PROGRESS_INTERVAL = 0.25
 PONG = b'{"type":"pong"}'
+#: The subprotocol of protocol v2 (D20): event frames then carry ``_pos``.
+SUBPROTOCOL_V2 = "integrador.v2"
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -26,10 +28,20 @@ def cpu_seconds() -> float:
 
 
 class Decoder:
-    """Payload bytes -> event sequence number (None: not a benchmark event), cached."""
+    """Payload bytes -> event sequence number (None: not a benchmark event), cached.
 
-    def __init__(self) -> None:
+    With ``v2`` each event's ``_pos`` is kept by sequence number (``positions``, as one string
+    ``stream offset``): the benchmark checks that every event frame carried one, that all sockets
+    saw the same one for an event and that no two events share one. ``unpositioned`` counts event
+    payloads without it, ``conflicts`` payloads whose position differs from the one seen before.
+    """
+
+    def __init__(self, v2: bool = False) -> None:
         self.cache: dict[bytes, int | None] = {}
+        self.v2 = v2
+        self.positions: dict[int, str] = {}
+        self.unpositioned = 0
+        self.conflicts = 0
 
     def seq(self, payload: bytes) -> int | None:
         try:
@@ -42,11 +54,29 @@ class Decoder:
             entity = data.get("entity") if isinstance(data, dict) else None
             if isinstance(entity, dict) and isinstance(entity.get("seq"), int):
                 value = entity["seq"]
+                if self.v2:
+                    self._position(value, data.get("_pos"))
         except ValueError:
             value = None
         if len(self.cache) < 200_000:
             self.cache[payload] = value
         return value
+
+    def _position(self, seq: int, pos: object) -> None:
+        # Called once per distinct payload: every socket of the process got the same bytes.
+        if not (isinstance(pos, dict) and isinstance(pos.get("stream"), str) and isinstance(pos.get("offset"), str)):
+            self.unpositioned += 1
+            return
+        key = f"{pos['stream']} {pos['offset']}"
+        if self.positions.setdefault(seq, key) != key:
+            self.conflicts += 1
+
+    def v2_report(self) -> dict[str, Any]:
+        return {
+            "positions": {str(k): v for k, v in self.positions.items()},
+            "unpositioned": self.unpositioned,
+            "conflicts": self.conflicts,
+        }
 
 
 class Sock:
@@ -68,6 +98,7 @@ class Sock:
         "t_start",
         "times",
         "want",
+        "welcome",
     )
 
     def __init__(self, i: int) -> None:
@@ -84,6 +115,8 @@ class Sock:
         self.want = 0  # event frames expected; 0: complete as soon as open
         self.settled = False  # open (and ponged, with ping_on_open), closed or failed
         self.pongs = 0
+        #: v2: 1 when the first frame was the welcome, -1 when another frame came first.
+        self.welcome = 0
         self.next_ping = 0.0
         self.t_start: float | None = None  # time.monotonic() before connect()
         self.t_open: float | None = None  # after the recv that completed the 101

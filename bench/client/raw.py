@@ -19,6 +19,7 @@ from bench.client.protocol import (
     ORIGIN,
     PONG,
     PROGRESS_INTERVAL,
+    SUBPROTOCOL_V2,
     Decoder,
     Sock,
     client_frame,
@@ -38,6 +39,11 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     max_connecting = int(cfg.get("max_connecting", MAX_CONNECTING)) or 1 << 30
     ping_on_open = bool(cfg.get("ping_on_open"))
     ping_interval = float(cfg.get("ping_interval") or 0.0)
+    # Protocol v2 (D20): offer the subprotocol; the 101 must select it, the first frame is the
+    # welcome and every event frame carries ``_pos``.
+    v2 = int(cfg.get("protocol", 1)) == 2
+    offer = f"Sec-WebSocket-Protocol: {SUBPROTOCOL_V2}\r\n" if v2 else ""
+    selected = f"sec-websocket-protocol: {SUBPROTOCOL_V2}".encode()
 
     # epoll directly (not ``selectors``): fewer Python objects per ready socket.
     ep = select.epoll()
@@ -56,7 +62,7 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
     done_sent = False
     complete = 0
     total_frames = 0
-    decoder = Decoder()
+    decoder = Decoder(v2)
     last_progress = 0.0
     last_reported = -1
     stop = False
@@ -71,10 +77,13 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             (
                 f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                f"Origin: {ORIGIN}\r\n\r\n"
+                f"Origin: {ORIGIN}\r\n{offer}\r\n"
             ).encode()
         )
     ping = client_frame(0x1, b"ping")
+    # A v2 client's first message (docs/protocol.md §10): nothing to resume. Until the first
+    # message (at most 2 s) the gateway holds the socket's live events.
+    resume = client_frame(0x1, b'{"type":"resume","positions":{}}')
 
     def read_stdin() -> bool:
         """Add what the parent wrote to ``stdin_buf``; False once stdin is closed."""
@@ -201,8 +210,15 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             if opcode == 1:
                 payload = buf[pos + hdr : end]
                 seq = decoder.seq(payload)
+                if v2 and not c.welcome:
+                    c.welcome = 1 if seq is None and payload.startswith(b'{"type":"welcome"') else -1
+                    if c.welcome == 1:
+                        pos = end
+                        continue
                 if seq is None:
-                    if payload == PONG:
+                    if v2 and payload.startswith(b'{"type":"resumed"'):
+                        pass
+                    elif payload == PONG:
                         c.pongs += 1
                         if c.t_pong is None:
                             c.t_pong = now
@@ -269,12 +285,20 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
             if b" 101 " not in status + b" ":
                 fail(c, f"handshake: {status.decode(errors='replace')}")
                 return
+            if v2 and selected not in head.lower():
+                fail(c, "handshake: integrador.v2 not selected")
+                return
             c.state = "open"
             c.t_open = now
             connecting -= 1
             opened += 1
             if c.want <= 0:
                 complete += 1
+            if v2:
+                try:
+                    c.sock.send(resume)
+                except OSError as exc:
+                    c.error = f"resume: {exc}"
             if ping_on_open:
                 try:
                     c.sock.send(ping)
@@ -409,7 +433,9 @@ def run_raw(cfg: dict[str, Any]) -> dict[str, Any]:
                 "t_start": c.t_start,
                 "t_open": c.t_open,
                 "t_pong": c.t_pong,
+                **({"welcome": c.welcome} if v2 else {}),
             }
             for c in conns
         ],
+        **({"v2": decoder.v2_report()} if v2 else {}),
     }

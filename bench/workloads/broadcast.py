@@ -95,3 +95,34 @@ def count_deliveries(
     )
     out.last_recv = last_recv
     return out
+
+
+def check_positions(results: Mapping[int, Mapping[str, Any]], events: int) -> dict[str, Any]:
+    """Protocol v2: every socket's first frame was the welcome, every event frame carried a
+    ``_pos``, all sockets saw the same one for an event and no two events share one."""
+    seen: dict[int, str] = {}
+    conflicts = unpositioned = 0
+    sockets = welcomed = 0
+    for res in results.values():
+        report = res.get("v2") or {}
+        conflicts += int(report.get("conflicts", 0))
+        unpositioned += int(report.get("unpositioned", 0))
+        for seq_text, key in (report.get("positions") or {}).items():
+            if seen.setdefault(int(seq_text), key) != key:
+                conflicts += 1
+        for s in res["sockets"]:
+            if s["state"] in ("open", "closed"):
+                sockets += 1
+                welcomed += s.get("welcome") == 1
+    shared = len(seen) - len(set(seen.values()))
+    missing = sum(1 for seq in range(events) if seq not in seen)
+    return {
+        "sockets_welcomed": welcomed,
+        "sockets_without_welcome": sockets - welcomed,
+        "events_positioned": len(seen),
+        "events_without_position": missing,
+        "unpositioned_payloads": unpositioned,
+        "position_conflicts": conflicts,
+        "positions_shared": shared,
+        "ok": sockets == welcomed and missing == 0 and not unpositioned and not conflicts and not shared,
+    }

@@ -22,6 +22,11 @@ class V2Frames:
 
     def deliver(self, conn: Connection) -> int:
         """Hand the v2 frame to a v2 socket, unless its resume holds or already replayed it."""
+        frame = self.frame_for(conn)
+        return DROPPED if frame is None else conn.deliver(frame)
+
+    def frame_for(self, conn: Connection) -> bytes | None:
+        """The frame to send to this v2 socket now; None when its resume holds or replayed it."""
         frame = self._frame
         if frame is None:
             position = self._position
@@ -29,5 +34,5 @@ class V2Frames:
                 self._payload if position is None else positioned_payload(self._payload, position))
         state = conn.v2
         if state is not None and not state.offer(self._position, frame):
-            return DROPPED
-        return conn.deliver(frame)
+            return None
+        return frame

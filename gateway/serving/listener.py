@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit
@@ -26,11 +27,13 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 from gateway.access.admission import Admission, Verdict
 from gateway.core import closecodes
 from gateway.core.clientip import Network, client_ip
+from gateway.core.httphead import RequestHead, parse_get_head
 from gateway.core.model import ENDPOINTS, Endpoint
 from gateway.core.pending import PendingConnections
 from gateway.logs import RateLimitedLog
 from gateway.metrics import Metrics
 from gateway.serving.connection import Connection
+from gateway.serving.gcfreeze import AdmissionFreezer
 from gateway.serving.handshake import accept_upgrade
 from gateway.serving.http import HttpApp
 from gateway.serving.http_types import Response, text_response
@@ -99,7 +102,40 @@ async def _send_response(
     await stream.send_all(data)
 
 
-def _head_size(request: h11.Request) -> int:
+async def _receive_first(stream: trio.SocketStream) -> bytes:
+    """The first bytes of a connection: read at once when they are there (no scheduler round
+    trip), else when the socket becomes readable."""
+    fd = stream.socket.fileno()
+    while True:
+        try:
+            return os.read(fd, _RECV)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(stream.socket)
+        except OSError:
+            raise _ClientGone from None
+
+
+async def _send_now(stream: trio.SocketStream, data: bytes) -> None:
+    """``send_all`` that first tries one plain write: a 101 nearly always fits the socket buffer."""
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        raise trio.BrokenResourceError from None
+    if sent < len(data):
+        await stream.send_all(data[sent:])
+
+
+def _h11_catch_up(conn: h11.Connection, quick: tuple[bytes, bytes] | None) -> None:
+    """Let h11 parse a head the quick parser read, so it can write the answer (same request)."""
+    if quick is not None:
+        conn.receive_data(quick[0])
+        event = conn.next_event()
+        assert isinstance(event, h11.Request), event
+
+
+def _head_size(request: h11.Request | RequestHead) -> int:
     return len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) + 16
 
 
@@ -186,6 +222,8 @@ class Listener:
     http: HttpApp
     trusted_proxies: tuple[Network, ...]
     protocol_v2: ProtocolV2
+    #: Keeps admitted sockets out of full garbage collections (the daemon turns it on).
+    freezer: AdmissionFreezer = attrs.Factory(AdmissionFreezer)
     _pending_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
     #: Ids of this listener's sockets, in accept order (they appear in its logs).
     _ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
@@ -238,9 +276,28 @@ class Listener:
         """HTTP requests until the client goes, or an accepted WebSocket handshake to hand over."""
         settings = self.settings
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        first_deadline: float | None = None
+        if not admin:
+            # The usual first request is a WebSocket upgrade that arrives whole in one read:
+            # parsed quickly when it can be, else handed to h11 with the same head deadline.
+            first_deadline = trio.current_time() + settings.handshake_timeout
+            data: bytes | None = None
+            with trio.move_on_at(first_deadline):
+                data = await _receive_first(stream)
+            if not data:
+                return None  # closed, or nothing in time: as h11 would end it (nothing partial)
+            quick = parse_get_head(data, settings.max_header_bytes)
+            routed = self._quick_route(quick[0]) if quick is not None else None
+            if quick is not None and routed is not None:
+                head, trailing = quick
+                client = client_ip(peer, _header(head.headers, b"x-forwarded-for"), self.trusted_proxies)
+                return await self._websocket(stream, conn, head, *routed, client, (data, trailing))
+            conn.receive_data(data)
         try:
             while True:
-                with trio.move_on_after(settings.handshake_timeout) as head_scope:
+                deadline = first_deadline if first_deadline is not None else trio.current_time() + settings.handshake_timeout
+                first_deadline = None
+                with trio.move_on_at(deadline) as head_scope:
                     event = await _next_event(conn, stream)
                 if head_scope.cancelled_caught:
                     if conn.their_state is h11.SEND_BODY or _partial(conn):
@@ -261,25 +318,7 @@ class Listener:
                         await _send_response(conn, stream, response, route="websocket", metrics=self.metrics,
                                              head=event.method == b"HEAD")
                         return None
-                    endpoint = _WS_PATHS[path]
-                    origin = _header(event.headers, b"origin")
-                    verdict = await self.admission.decide(endpoint, target, origin.decode("latin-1") if origin is not None else None,
-                                                          client)
-                    if verdict.refusal is not None:
-                        # Recoverable (D22): answered before the upgrade, so no client sees an open
-                        # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
-                        status, detail, retry_after = self.admission.count_refusal(verdict, target, client)
-                        response = attrs.evolve(text_response(status, detail),
-                                                headers=((b"retry-after", str(retry_after).encode()),))
-                        await _send_response(conn, stream, response, route="websocket", metrics=self.metrics)
-                        return None
-                    upgrade: Upgrade | None = None
-                    try:
-                        upgrade = await self._accept_websocket(stream, conn, event, endpoint, client, verdict)
-                    finally:
-                        if upgrade is None:  # no socket after all: its cluster-wide lease goes
-                            self.admission.finished(verdict)
-                    return upgrade
+                    return await self._websocket(stream, conn, event, target, path, client, None)
                 body = b""
                 with trio.move_on_after(settings.handshake_timeout) as body_scope:
                     while True:
@@ -314,29 +353,72 @@ class Listener:
                     await _send_response(conn, stream, text_response(status, reason), metrics=self.metrics)
             return None
 
-    async def _accept_websocket(
-        self, stream: trio.SocketStream, h11conn: h11.Connection, request: h11.Request, endpoint: Endpoint,
-        client: str, verdict: Verdict,
+    def _quick_route(self, head: RequestHead) -> tuple[str, str] | None:
+        """Target and path of a quickly parsed head that is an upgrade to a WebSocket endpoint;
+        None for anything else (the h11 path serves it, 431 included)."""
+        if _head_size(head) > self.settings.max_header_bytes:
+            return None
+        target = head.target.decode("latin-1")
+        path = urlsplit(target).path
+        if path not in _WS_PATHS or not _has_token(_header(head.headers, b"upgrade"), b"websocket"):
+            return None
+        return target, path
+
+    async def _websocket(
+        self, stream: trio.SocketStream, conn: h11.Connection, request: RequestHead | h11.Request, target: str,
+        path: str, client: str, quick: tuple[bytes, bytes] | None,
     ) -> Upgrade | None:
+        """A GET upgrade to a WebSocket endpoint: admission, then the 101 or the refusal.
+
+        ``quick``: the bytes read and those after the head when the head was not parsed by h11;
+        before answering anything but a 101, h11 parses them (the same request) so that it
+        writes the response as on the h11 path.
+        """
+        endpoint = _WS_PATHS[path]
+        origin = _header(request.headers, b"origin")
+        verdict = await self.admission.decide(endpoint, target, origin.decode("latin-1") if origin is not None else None,
+                                              client)
+        if verdict.refusal is not None:
+            # Recoverable (D22): answered before the upgrade, so no client sees an open
+            # socket; a proxy retries a 503 on another instance (proxy_next_upstream).
+            _h11_catch_up(conn, quick)
+            status, detail, retry_after = self.admission.count_refusal(verdict, target, client)
+            response = attrs.evolve(text_response(status, detail),
+                                    headers=((b"retry-after", str(retry_after).encode()),))
+            await _send_response(conn, stream, response, route="websocket", metrics=self.metrics)
+            return None
+        upgrade: Upgrade | None = None
+        try:
+            upgrade = await self._upgrade(stream, conn, request, endpoint, target, client, quick, verdict)
+        finally:
+            if upgrade is None:  # no socket after all: its cluster-wide lease goes
+                self.admission.finished(verdict)
+        return upgrade
+
+    async def _upgrade(
+        self, stream: trio.SocketStream, conn: h11.Connection, request: RequestHead | h11.Request, endpoint: Endpoint,
+        target: str, client: str, quick: tuple[bytes, bytes] | None, verdict: Verdict,
+    ) -> Upgrade | None:
+        """The 101 (or a 400 for a bad handshake) of an admitted request."""
         try:
             version = negotiated_version(_header(request.headers, b"sec-websocket-protocol"))
             accept, protocol = accept_upgrade(request.method, request.headers,
                                               subprotocol=SUBPROTOCOL_V2 if version == 2 else None)
         except WsRemoteProtocolError:
-            await _send_response(h11conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", metrics=self.metrics)
+            _h11_catch_up(conn, quick)
+            await _send_response(conn, stream, text_response(400, "Bad WebSocket handshake"), route="websocket", metrics=self.metrics)
             return None
-        await stream.send_all(accept)
+        await _send_now(stream, accept)
         # After the handshake only the frame-level protocol object is needed.
         return Upgrade(
             protocol=protocol,
             endpoint=endpoint,
-            target=request.target.decode("latin-1"),
+            target=target,
             verdict=verdict,
             client=client,
-            trailing=h11conn.trailing_data[0],
+            trailing=conn.trailing_data[0] if quick is None else quick[1],
             version=version,
         )
-
 
     async def serve_websocket(self, stream: trio.SocketStream, upgrade: Upgrade, slot: _PendingSlot) -> None:
         settings = self.settings
@@ -362,10 +444,11 @@ class Listener:
         self.registry.sockets.add(conn)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.writer)
+                conn.attach(nursery)  # its writer task starts only if a write would block
                 rejection = self.admission.register(conn, verdict, target)
                 if rejection is None:
                     slot.release()  # an admitted socket counts in the connection limits instead
+                    self.freezer.admitted()
                     if version == 2:
                         self.protocol_v2.start(conn, nursery)  # the welcome, before any event
                     await self.run_connection(conn)

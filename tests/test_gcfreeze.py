@@ -1,0 +1,52 @@
+"""Admitted sockets are frozen out of full collections, and still freed when they close."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import trio
+from test_fanout import eventually
+
+from gateway_testing import GatewayHandle
+
+
+@pytest.fixture
+def unfreeze() -> Iterator[None]:
+    # The test process is shared: give frozen objects back to the collector afterwards.
+    yield
+    gc.unfreeze()
+
+
+async def test_admitted_sockets_are_frozen_and_freed_when_closed(gateway: GatewayHandle, unfreeze: None) -> None:
+    freezer = gateway.gw.listener.freezer
+    assert not freezer.enabled  # only the daemon turns it on
+    freezer.enabled, freezer.every = True, 5
+    frozen_before = gc.get_freeze_count()
+    clients = [await gateway.connect("waiter", gateway.staff_token(user=100 + n)) for n in range(10)]
+    await gateway.connected(10)
+    assert gc.get_freeze_count() > frozen_before
+    # Connection has __slots__ without weak references: watch what each one owns instead.
+    conns = [weakref.ref(part) for conn in gateway.gw.index for part in (conn.ws, conn.stream)]
+    assert len(conns) == 20 and all(ref() is not None for ref in conns)
+    for client in clients:
+        await client.ws.aclose()
+    await eventually(lambda: not gateway.gw.index and not gateway.gw.sockets, 20)
+    del clients
+    await trio.sleep(0.1)
+    # No cycle holds a closed socket: reference counting alone frees the frozen objects.
+    gc.disable()
+    try:
+        assert [ref for ref in conns if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
+async def test_off_unless_enabled(gateway: GatewayHandle) -> None:
+    frozen_before = gc.get_freeze_count()
+    gateway.gw.listener.freezer.every = 1
+    await gateway.connect("waiter", gateway.staff_token())
+    await gateway.connected(1)
+    assert gc.get_freeze_count() == frozen_before
