@@ -75,9 +75,10 @@ async def attempt(port: int, endpoint: str, token: str, *, forwarded: str | None
     try:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ws/{endpoint}?{param}={token}",
                                       extra_headers=headers) as ws:
-            await ws.send_message("ping")
+            # A close after the upgrade may arrive with the 101 itself, before the ping is sent.
             with trio.fail_after(10):
                 try:
+                    await ws.send_message("ping")
                     await ws.get_message()
                 except ConnectionClosed as exc:
                     return (exc.reason.code if exc.reason else 1006), None
