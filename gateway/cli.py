@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.settings import Settings, SettingsError, settings_fields
+
+if TYPE_CHECKING:
+    from gateway.redisio.topology import Topology
 
 EXIT_CONFIG = 2
 #: Seconds ``gateway publish`` waits for Redis before giving up with a message.
@@ -140,23 +143,22 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except InvalidEvent as exc:
         print(f"gateway publish: invalid event: {exc.reason}", file=sys.stderr)
         return 1
-    url = args.redis_url or settings.redis_url
-    if not url:
+    topology = _redis_topology(args, settings)
+    if topology is None:
+        if args.redis_url:
+            print("gateway publish: the Redis URL must start with redis://, rediss:// or unix://", file=sys.stderr)
+            return EXIT_CONFIG
         if args.channel:
             print("gateway publish: --channel needs REDIS_URL or --redis-url (the Redis the gateway reads); "
                   "without one, events go through a running gateway's publish API (--gateway)", file=sys.stderr)
             return EXIT_CONFIG
         return _publish_via_gateway(args.gateway, payload, settings.publish_token)
-    if url.partition("://")[0] not in REDIS_SCHEMES:
-        print("gateway publish: the Redis URL must start with redis://, rediss:// or unix://", file=sys.stderr)
-        return EXIT_CONFIG
 
     async def send() -> str:
-        from gateway.redisio.client import STREAM_MAXLEN, make_client, xadd_capped
+        from gateway.redisio.client import STREAM_MAXLEN, xadd_capped
 
-        client = make_client(url)
         with trio.fail_after(PUBLISH_TIMEOUT):
-            async with client:
+            async with topology.client() as client:
                 if args.channel:
                     receivers = await client.publish(args.channel, payload)
                     return f"published to {args.channel} ({receivers} subscribers)"
@@ -164,17 +166,29 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                 return f"appended to {settings.stream} as {entry.decode() if isinstance(entry, bytes) else entry}"
 
     from gateway.redisio.client import is_redis_failure
-    from gateway.settings import redact_url_password
 
     try:
         print(trio.run(send))
     except Exception as exc:
-        # A traceback would bury the one fact that matters: the Redis at this URL did not answer.
+        # A traceback would bury the one fact that matters: the Redis named here did not answer.
         if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError | ValueError)):
             raise
-        print(f"gateway publish: cannot publish to {redact_url_password(url)}: {_first_error(exc)}", file=sys.stderr)
+        print(f"gateway publish: cannot publish to {topology.describe()}: {_first_error(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _redis_topology(args: argparse.Namespace, settings: Settings) -> Topology | None:
+    """The Redis the operator tools talk to: ``--redis-url``, else the gateway's own deployment
+    settings (``REDIS_SENTINELS``/``REDIS_CLUSTER_NODES``, else ``REDIS_URL``). None when there is
+    none, or the URL is not a Redis one."""
+    from gateway.redisio.topology import Standalone, topology_of
+
+    if args.redis_url:
+        return Standalone(args.redis_url) if args.redis_url.partition("://")[0] in REDIS_SCHEMES else None
+    if settings.redis_sentinels or settings.redis_cluster_nodes:
+        return topology_of(settings, None)
+    return Standalone(settings.redis_url) if settings.redis_url else None
 
 
 def _publish_via_gateway(base: str, payload: bytes, token: str | None) -> int:
@@ -227,20 +241,18 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     import trio
 
     from gateway.ingest.dlq import list_dead_letters, replay_dead_letters
-    from gateway.redisio.client import is_redis_failure, make_client
-    from gateway.settings import redact_url_password
+    from gateway.redisio.client import is_redis_failure
 
     settings = _settings_from(argparse.Namespace())
-    url = args.redis_url or settings.redis_url
-    if not url or url.partition("://")[0] not in REDIS_SCHEMES:
+    topology = _redis_topology(args, settings)
+    if topology is None:
         print("gateway dlq: set REDIS_URL or --redis-url to the Redis the gateways read "
-              "(redis://, rediss:// or unix://)", file=sys.stderr)
+              "(redis://, rediss:// or unix://), or REDIS_SENTINELS / REDIS_CLUSTER_NODES", file=sys.stderr)
         return EXIT_CONFIG
 
     async def run() -> list[str]:
-        client = make_client(url)
         with trio.fail_after(PUBLISH_TIMEOUT):
-            async with client:
+            async with topology.client() as client:
                 if args.action == "list":
                     letters = await list_dead_letters(client, settings.dead_letter_stream, count=args.count)
                     return [json.dumps(d.as_dict(), ensure_ascii=False) for d in letters]
@@ -256,7 +268,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     except Exception as exc:
         if not (is_redis_failure(exc) or isinstance(exc, trio.TooSlowError)):
             raise
-        print(f"gateway dlq: cannot reach {redact_url_password(url)}: {_first_error(exc)}", file=sys.stderr)
+        print(f"gateway dlq: cannot reach {topology.describe()}: {_first_error(exc)}", file=sys.stderr)
         return 1
     for line in lines:
         print(line)

@@ -5,11 +5,13 @@ reader subscribes again on another node when its node is killed."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import trio
 from helpers import attempt, until_admitted
+from test_cli import clean_env, run_async
 
 from gateway.core.cluster import key_slot
 from gateway.core.events import encode_envelope, envelope
@@ -248,3 +250,31 @@ async def test_limits_and_attempt_rates_hold_across_instances_on_a_cluster(
     await until_admitted(b.port, "waiter", token, within=10)
     key = "{gw:limits:user:1:7}"
     assert await command(await rc.port_of(key), "EXISTS", key) == 1
+
+
+async def test_operator_commands_use_the_cluster_the_settings_name(
+    redis_cluster: ClusterSet, gateway_factory: Any
+) -> None:
+    """``gateway publish`` and ``gateway dlq`` reach a cluster through REDIS_CLUSTER_NODES, as the
+    gateway does: an event published by the command reaches a socket, and a dead letter is listed."""
+    rc = redis_cluster
+    handle = await start(gateway_factory, rc)
+    admin = await handle.connect("admin", handle.staff_token(roles=("ADMIN",)))
+    await handle.connected(1)
+    env = clean_env(REDIS_CLUSTER_NODES=rc.node_list)
+    published = await run_async("publish", "--type", "ROUND_PENDING", "--tenant", "1", "--branch", "2",
+                                "--entity", '{"seq": 41}', env=env)
+    assert published.returncode == 0, published.stderr
+    assert (await receive(admin, 1))[0]["entity"]["seq"] == 41
+    await xadd(rc, b"not json at all")
+    with trio.fail_after(20):
+        while True:
+            listed = await run_async("dlq", "list", env=env)
+            assert listed.returncode == 0, listed.stderr
+            if listed.stdout.strip():
+                break
+            await trio.sleep(0.2)
+    assert json.loads(listed.stdout.splitlines()[0])["error"] == "invalid: not_json"
+    unreachable = await run_async("dlq", "list", env=clean_env(REDIS_CLUSTER_NODES="127.0.0.1:1"))
+    assert unreachable.returncode == 1
+    assert b"cannot reach cluster nodes 127.0.0.1:1" in unreachable.stderr

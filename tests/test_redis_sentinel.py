@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from test_cli import clean_env, run_async
 from test_faults import numbered
 from trio_websocket import open_websocket_url
 
@@ -215,3 +216,10 @@ async def test_gateway_follows_a_manual_failover_whose_old_master_stays_up(
             await wait_for_seq(seen, n)
         nursery.cancel_scope.cancel()
     assert handle.gw.stream_consumer.ready.is_set()
+
+
+async def test_gateway_publish_appends_through_the_sentinels_master(redis_sentinel: SentinelSet) -> None:
+    env = clean_env(REDIS_SENTINELS=redis_sentinel.sentinel_list, REDIS_SENTINEL_MASTER=MASTER_NAME)
+    result = await run_async("publish", "--type", "ROUND_PENDING", "--tenant", "1", "--branch", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert await command(await redis_sentinel.master_port(), "XLEN", STREAM) == 1
