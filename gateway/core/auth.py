@@ -20,6 +20,7 @@ import attrs
 import jwt
 from jwt.types import Options
 
+from gateway.core import hs256
 from gateway.core.closecodes import (
     ACCESS_DENIED,
     AUTH_FAILED,
@@ -134,8 +135,8 @@ def _pyjwt_reason(exc: jwt.PyJWTError) -> str:
     return "malformed"
 
 
-#: Header segments known to name HS256: an issuer sends one header, and reading it parses the token.
-_HS256_HEADERS: set[str] = set()
+#: Header segments and keys PyJWT accepted: later tokens like them skip PyJWT (``hs256``).
+_KNOWN = hs256.Known()
 
 
 def _decode_jwt(token: str, *, secret: str, issuer: str, audience: str) -> dict[str, Any]:
@@ -143,34 +144,28 @@ def _decode_jwt(token: str, *, secret: str, issuer: str, audience: str) -> dict[
     # PyJWT encodes as UTF-8, which raises on lone surrogates from a query string; a JWT is ASCII.
     if not token.isascii():
         raise _fail("malformed")
+    claims = hs256.accepted_claims(_KNOWN, token, secret=secret, issuer=issuer, audience=audience)
+    if claims is not None:
+        return claims
     try:
-        head = token.partition(".")[0]
-        if head not in _HS256_HEADERS:
-            header = jwt.get_unverified_header(token)
-            # PyJWT refuses these too, but generically: `alg: none` and friends get their own label.
-            if header.get("alg") != ALGORITHM:
-                raise _fail("bad_algorithm")
-            if len(_HS256_HEADERS) < 64:
-                _HS256_HEADERS.add(head)  # a few good ones only; jwt.decode checks the token anyway
+        header = jwt.get_unverified_header(token)
+        # PyJWT refuses these too, but generically: `alg: none` and friends get their own label.
+        if header.get("alg") != ALGORITHM:
+            raise _fail("bad_algorithm")
         with warnings.catch_warnings():
             # PyJWT warns on every decode with a short HMAC key; the secret is a deployment
             # setting, so a warning per connection would only flood the log.
             warnings.simplefilter("ignore", UserWarning)
-            return jwt.decode(
-                token,
-                secret,
-                algorithms=[ALGORITHM],
-                options=_DECODE_OPTIONS,
-                issuer=issuer,
-                audience=audience,
-                leeway=0,
-            )
+            claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options=_DECODE_OPTIONS, issuer=issuer,
+                                audience=audience, leeway=0)
     except jwt.PyJWTError as exc:
         raise _fail(_pyjwt_reason(exc)) from None
     except (ValueError, TypeError, RecursionError, UnicodeError, OverflowError):
         # Some PyJWT releases let a pathological header (deep nesting, odd types) escape as a
         # plain Python error before any check: it is still only a malformed token.
         raise _fail("malformed") from None
+    _KNOWN.learn(token, header, secret)
+    return claims
 
 
 def _check_lifetime(issued_at: float | None, expires_at: float, now: float, max_lifetime: float) -> None:
