@@ -6,6 +6,7 @@ reader subscribes again on another node when its node is killed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -103,6 +104,19 @@ async def receive(client: WSClient, n: int) -> list[dict[str, Any]]:
     return out
 
 
+async def until_one_arrives(client: WSClient, publish: Callable[[int], Awaitable[None]], *, first: int,
+                            wait: float) -> None:
+    """Publish numbered events (``publish(seq)``) until one reaches ``client``."""
+    with trio.fail_after(20):
+        seq = first
+        while True:
+            await publish(seq)
+            frame = await client.receive(wait)
+            if isinstance(frame, dict) and "entity" in frame:
+                return
+            seq += 1
+
+
 async def test_invalid_entries_go_to_a_dead_letter_stream_in_the_streams_slot_and_nogroup_recovers(
     redis_cluster: ClusterSet, gateway_factory: Any
 ) -> None:
@@ -141,15 +155,13 @@ async def test_pubsub_subscribes_again_on_another_node_when_its_node_is_killed(
     await trio.to_thread.run_sync(victim.kill)
     others = [p for p in rc.ports if p != port]
     assert await subscribed_port(rc) in others
-    with trio.fail_after(20):
-        seq = 100
-        while True:  # published until one arrives: the reader subscribes again after a backoff
-            await command(others[seq % 2], "PUBLISH", "tenant:1:admin",
-                          encode_envelope(numbered(seq, branch=0, kind="ENTITY_UPDATED")))
-            frame = await admin.receive(0.3)
-            if isinstance(frame, dict) and "entity" in frame:
-                break
-            seq += 1
+
+    async def publish(seq: int) -> None:
+        await command(others[seq % 2], "PUBLISH", "tenant:1:admin",
+                      encode_envelope(numbered(seq, branch=0, kind="ENTITY_UPDATED")))
+
+    # The reader subscribes again after a backoff: published until one arrives.
+    await until_one_arrives(admin, publish, first=100, wait=0.3)
 
 
 async def test_a_gateway_started_while_the_cluster_is_down_starts_once_a_node_answers(
@@ -170,14 +182,7 @@ async def test_a_gateway_started_while_the_cluster_is_down_starts_once_a_node_an
     await rc.wait_ok()
     admin = await handle.connect("admin", handle.staff_token(roles=("ADMIN",)))
     await handle.connected(1)
-    with trio.fail_after(20):
-        seq = 200
-        while True:
-            await xadd(rc, encode_envelope(numbered(seq)))
-            frame = await admin.receive(0.5)
-            if isinstance(frame, dict) and "entity" in frame:
-                break
-            seq += 1
+    await until_one_arrives(admin, lambda seq: xadd(rc, encode_envelope(numbered(seq))), first=200, wait=0.5)
 
 
 async def test_the_stream_reader_follows_its_slot_to_another_master(
