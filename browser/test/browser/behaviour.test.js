@@ -2,7 +2,7 @@
 // backoff that keeps growing against accept-then-close (1008), and the BaseWebSocketClient drop-in.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { envelope, environment, mint, publishChannel, publishStream, sleep, waitFor } from './harness.js';
+import { envelope, environment, labAttempts, labEventIds, mint, publishChannel, publishStream, sleep, waitFor } from './harness.js';
 
 let env;
 let page;
@@ -12,8 +12,8 @@ before(async () => {
 });
 after(async () => env?.close());
 
-const ids = (name) => page.evaluate((n) => log[n].events.map((e) => e.entity.id), name);
-const attemptsFor = (token) => page.evaluate((t) => wsAttempts.filter((a) => a.url.includes(t)).length, encodeURIComponent(token));
+const ids = (name) => labEventIds(page, name);
+const attemptsFor = (token) => labAttempts(page, token);
 
 test('4001 and 4003 are final: one attempt, state closed, onMaxReconnect and onFinalClose called', async () => {
   const kitchen = await mint(env.gw, { kind: 'staff', user: 31, roles: ['KITCHEN'], branches: [2] });

@@ -297,3 +297,10 @@ export async function environment({ gatewayEnv = {} } = {}) {
   };
   return env;
 }
+
+/** Ids of the events the lab page's client `name` delivered to the app, in order. */
+export const labEventIds = (page, name) => page.evaluate((n) => log[n].events.map((e) => e.entity.id), name);
+
+/** How many sockets the lab page tried to open with `token` in their URL. */
+export const labAttempts = (page, token) =>
+  page.evaluate((t) => wsAttempts.filter((a) => a.url.includes(t)).length, encodeURIComponent(token));

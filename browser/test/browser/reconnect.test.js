@@ -1,7 +1,7 @@
 // Heartbeat, drain and restart (1012) with nothing lost, visibilitychange and online.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { envelope, environment, mint, publishStream, sleep, startGateway, waitFor } from './harness.js';
+import { envelope, environment, labEventIds, mint, publishStream, sleep, startGateway, waitFor } from './harness.js';
 
 let env;
 let page;
@@ -16,7 +16,7 @@ async function restartGateway() {
   env.gw = await startGateway({ redis: env.redis, port: env.gw.port, origins: [env.stat.origin] });
 }
 
-const ids = (name) => page.evaluate((n) => log[n].events.map((e) => e.entity.id), name);
+const ids = (name) => labEventIds(page, name);
 
 test('heartbeat: {"type":"ping"} every interval, one timer per ping, 4000 when pongs stop', async () => {
   const token = await mint(env.gw, { kind: 'staff', user: 21, roles: ['KITCHEN'], branches: [2] });

@@ -3,7 +3,7 @@
 // the socket on its old expiry. The crash and restart test is v2-crash.test.js.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { envelope, environment, mint, publishStream, sleep, waitFor } from './harness.js';
+import { envelope, environment, labAttempts, labEventIds, mint, publishStream, sleep, waitFor } from './harness.js';
 
 let env;
 let page;
@@ -13,8 +13,8 @@ before(async () => {
 });
 after(async () => env?.close());
 
-const ids = (name) => page.evaluate((n) => log[n].events.map((e) => e.entity.id), name);
-const attemptsFor = (token) => page.evaluate((t) => wsAttempts.filter((a) => a.url.includes(t)).length, encodeURIComponent(token));
+const ids = (name) => labEventIds(page, name);
+const attemptsFor = (token) => labAttempts(page, token);
 
 test('v2 in-band refresh: 5 s tokens, one socket still open and receiving at 10 s, never reconnected', async () => {
   await page.evaluate(({ ws, http }) => {
