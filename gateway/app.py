@@ -161,7 +161,8 @@ def build(settings: Settings, redis: coredis.Redis[bytes], topology: Topology | 
     stream_consumer = StreamConsumer(redis, guards.stream, StreamSettings.of(settings), metrics, topology=topology)
     pubsub = PubSubReader(redis, guards.pubsub, metrics, settings.max_message_size,
                           Backoff(base=settings.redis_backoff_base, cap=settings.redis_backoff_cap),
-                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), topology=topology)
+                          max_batch=min(JOB_EVENTS, settings.broadcast_queue_size), topology=topology,
+                          linger=settings.ingest_linger_ms / 1000)
     status = Status(settings, registry, metrics, broadcaster, stream_consumer, guards, health, redis)
     http = HttpApp(settings, metrics, origins, registry, status,
                    CatchupRoutes(catchup, credentials, revocation, sectors.assign_cached),

@@ -196,6 +196,12 @@ class Settings:
         True, "GATEWAY_DIRECT_WRITE",
         "Write a frame straight to an idle socket instead of waking its writer task.", parse=_parse_bool,
     )
+    ingest_linger_ms: int = setting(
+        5, "GATEWAY_INGEST_LINGER_MS",
+        "While events flow, milliseconds each Redis reader waits between reads so one read carries them "
+        "all (less CPU per event, at most this much more latency per reader); 0: read at once.",
+        minimum=0, maximum=1000,
+    )
     dedup_window: float = setting(
         10.0, "GATEWAY_DEDUP_WINDOW", "Seconds within which copies of one logical event are delivered once (D10).",
         minimum=0, maximum=3600,

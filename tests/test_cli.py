@@ -64,6 +64,9 @@ async def run_async(*args: str, env: dict[str, str], stdin: bytes = b"") -> subp
     ("LOG_LEVEL", "LOUD"),
     ("PRODUCTION_CHECK", "maybe"),
     ("WS_HANDSHAKE_TIMEOUT", "nan"),
+    ("GATEWAY_INGEST_LINGER_MS", "-1"),
+    ("GATEWAY_INGEST_LINGER_MS", "5ms"),
+    ("GATEWAY_INGEST_LINGER_MS", "1001"),
 ])
 def test_invalid_setting_exits_2_naming_the_variable(variable: str, value: str) -> None:
     result = run("serve", "--host", "127.0.0.1", env=clean_env(**{variable: value}))

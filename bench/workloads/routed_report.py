@@ -205,6 +205,7 @@ def summary(w: Workload, a: Analysis, bench: str) -> dict[str, Any]:
         "profile": w.profile,
         "instrumented_gateway": bool(w.gc is not None or getattr(args, "gc_log", False)),
         "ping_interval_s": args.ping_interval,
+        "ingest_linger_ms": args.ingest_linger_ms,
         "host_busy_cores_before": w.host_busy_before,
         "gateway_code": w.code_identity,
         "host": host_info(),

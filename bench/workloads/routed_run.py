@@ -51,6 +51,12 @@ def add_workload_args(p: argparse.ArgumentParser, *, duration_default: float) ->
         help="each socket sends `ping` this often, in seconds (0: never; the heartbeat "
         "timeout is then raised to 3600 s)",
     )
+    p.add_argument(
+        "--ingest-linger-ms",
+        type=int,
+        default=None,
+        help="GATEWAY_INGEST_LINGER_MS of the gateway (default: the gateway's own default)",
+    )
     p.add_argument("--connect-timeout", type=float, default=90.0)
     p.add_argument(
         "--drain-timeout",
@@ -151,6 +157,8 @@ def run_workload(args: argparse.Namespace) -> Workload:
             "WS_MAX_TOTAL_CONNECTIONS": str(len(population) + 1000),
             "WS_HEARTBEAT_TIMEOUT": "3600" if args.ping_interval <= 0 else "60",
         }
+        if args.ingest_linger_ms is not None:
+            env["GATEWAY_INGEST_LINGER_MS"] = str(args.ingest_linger_ms)
         stack = Stack(env, log_dir=log_dir, gateway_ref=args.gateway_ref, cmd_factory=factory)
         gw = stack.start()
         assert stack.redis is not None

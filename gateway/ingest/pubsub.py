@@ -21,6 +21,7 @@ from coredis.exceptions import ResponseError
 
 from gateway.core.breaker import Backoff, BreakerState, CircuitBreaker
 from gateway.core.events import InvalidEvent, parse_event
+from gateway.core.linger import Linger
 from gateway.core.model import Event
 from gateway.fanout.broadcast import Job
 from gateway.logs import RateLimitedLog
@@ -56,6 +57,8 @@ class PubSubReader:
     #: a deployment that module does not serve (TLS), subscribes through coredis. On a cluster any
     #: node will do: each receives every PUBLISH of the cluster.
     topology: Topology | None = None
+    #: Seconds between reads while messages flow (``gateway.core.linger``).
+    linger: float = 0.0
     #: Set once the patterns are subscribed.
     ready: trio.Event = attrs.Factory(trio.Event)
     _invalid_log: RateLimitedLog = attrs.Factory(lambda: RateLimitedLog(log, interval=60.0))
@@ -100,11 +103,17 @@ class PubSubReader:
                         confirmed += 1
             await self._subscribed()
             limit = self.max_batch
+            linger = Linger(self.linger)
             while True:
+                issued = trio.current_time()
                 replies = await conn.receive()
+                returned = trio.current_time()
                 raws = [r[3] for r in replies if isinstance(r, list) and len(r) == 4 and r[0] == b"pmessage"]
                 for start in range(0, len(raws), limit):
                     await self.handle(raws[start : start + limit], jobs)
+                if raws:
+                    # Messages published meanwhile wait in the socket's buffer for the next read.
+                    await trio.sleep(linger.pause(issued, returned, trio.current_time()))
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
@@ -114,10 +123,15 @@ class PubSubReader:
         pubsub = self.redis.pubsub(patterns=PUBSUB_PATTERNS, ignore_subscribe_messages=True, retry_policy=None)
         async with pubsub:
             await self._subscribed()
+            linger = Linger(self.linger)
+            issued = trio.current_time()
             async for message in pubsub:
+                returned = trio.current_time()
                 # Every message coredis already holds goes in the same job.
                 messages = [message, *ready_messages(pubsub, self.max_batch - 1)]
                 await self.handle([m.get("data") for m in messages if m and m.get("type") == "pmessage"], jobs)
+                await trio.sleep(linger.pause(issued, returned, trio.current_time()))
+                issued = trio.current_time()
 
     async def finish_trial(self, breaker: CircuitBreaker) -> None:
         """Close a half-open breaker with further trial calls once subscribed.

@@ -31,6 +31,7 @@ from coredis.exceptions import (
 from coredis.response.types import StreamPendingExt
 
 from gateway.core.breaker import Backoff
+from gateway.core.linger import Linger
 from gateway.core.streambatch import (
     DeadLetter,
     Entry,
@@ -110,12 +111,14 @@ class StreamSettings:
     max_message_size: int
     backoff_base: float
     backoff_cap: float
+    #: Seconds between reads while entries flow (``gateway.core.linger``).
+    linger: float = 0.0
 
     @classmethod
     def of(cls, s: Settings) -> StreamSettings:
         return cls(s.stream, s.dead_letter_stream, s.consumer_group, s.group_prefix, s.instance_id, s.stream_batch,
                    s.stream_block_ms, s.reclaim_idle, s.reclaim_interval, s.group_stale_after, s.catchup_window,
-                   s.max_message_size, s.redis_backoff_base, s.redis_backoff_cap)
+                   s.max_message_size, s.redis_backoff_base, s.redis_backoff_cap, s.ingest_linger_ms / 1000)
 
 
 @attrs.define(eq=False)
@@ -153,6 +156,7 @@ class StreamConsumer:
         breaker = guard.breaker
         next_reclaim = 0.0
         next_stale_check = 0.0
+        linger = Linger(settings.linger)
         group_ready = False
         group_lost = False
         while True:
@@ -180,11 +184,15 @@ class StreamConsumer:
                 if now >= next_stale_check:
                     await self.remove_stale_groups()
                     next_stale_check = now + min(STALE_GROUP_CHECK_INTERVAL, self.settings.group_stale_after / 2)
+                issued = trio.current_time()
                 entries = await self.read_new()
+                returned = trio.current_time()
                 guard.ok()
                 backoff.reset()
                 if entries:
                     await self.process(entries, jobs, defer_ack=True)
+                    if len(entries) < settings.batch:
+                        await trio.sleep(linger.pause(issued, returned, trio.current_time()))
             except BaseException as exc:
                 await self._drop_connection()
                 if group_missing(exc):
