@@ -4,10 +4,10 @@
 
 No gateway and no Redis. The same population as ``bench.routed`` (29 sockets per branch), the
 same seeded event mix and the same audiences (``gateway.core.routing.receives`` per routing
-class, as the routed benchmark checks them); each logical event becomes one pre-encoded v1
-WebSocket frame (the routed event's JSON, server-to-client header), and at ``--rate`` events per
-second on an absolute schedule this process ``send``s it to every socket of its audience, one
-system call per frame, over loopback TCP with ``TCP_NODELAY``, to ``--clients`` sink processes
+class, as the routed benchmark checks them); each logical event becomes one v1 WebSocket frame,
+encoded once (the routed event's JSON, by the gateway's own ``text_frame``), and at ``--rate``
+events per second on an absolute schedule this process ``send``s it to every socket of its
+audience, one system call per frame, over loopback TCP with ``TCP_NODELAY``, to ``--clients`` sink processes
 that read and discard. Between events it sleeps, as a gateway waits in ``epoll`` between
 batches.
 
@@ -39,6 +39,7 @@ from bench.lib.results import rel, run_main, stamp, write_json
 from bench.workloads.audiences import expected_audiences
 from bench.workloads.mix import encoded_event, entity_of, plan_event
 from bench.workloads.population import build_population
+from gateway.core.frames import text_frame
 from gateway.settings import Settings
 
 SEED = 1
@@ -59,16 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.branches < 1 or args.rate <= 0 or args.duration <= 0 or args.clients < 1:
         p.error("--branches, --rate, --duration and --clients must be positive")
     return args
-
-
-def ws_frame(payload: bytes) -> bytes:
-    """An unmasked server-to-client text frame (FIN set)."""
-    n = len(payload)
-    if n < 126:
-        return bytes([0x81, n]) + payload
-    if n < 1 << 16:
-        return bytes([0x81, 126]) + n.to_bytes(2, "big") + payload
-    return bytes([0x81, 127]) + n.to_bytes(8, "big") + payload
 
 
 def sink() -> int:
@@ -118,7 +109,7 @@ def plan(args: argparse.Namespace) -> tuple[list[list[int]], list[bytes], int]:
     for c, seqs in enumerate(exp.class_seqs):
         for seq in seqs:
             audiences[seq].extend(by_class[c])
-    frames = [ws_frame(encoded_event(p, entity_of(p))) for p in plans]
+    frames = [text_frame(encoded_event(p, entity_of(p))) for p in plans]
     return audiences, frames, len(population)
 
 
@@ -167,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 socks.append(sock)
             time.sleep(1.0)
             log(f"{n_sockets} sockets open; writing {len(frames)} events at {args.rate:g}/s")
-            cpu0 = CpuSnapshot({"writer": os.getpid(), **{f"sink{k}": s.pid for k, s in enumerate(sinks)}})
+            pids = {"writer": os.getpid(), **{f"sink{k}": s.pid for k, s in enumerate(sinks)}}
+            cpu0 = CpuSnapshot(pids)
             cost = write_all(socks, audiences, frames, args.rate)
-            util = cpu0.delta(CpuSnapshot({"writer": os.getpid(),
-                                           **{f"sink{k}": s.pid for k, s in enumerate(sinks)}}))
+            util = cpu0.delta(CpuSnapshot(pids))
         finally:
             for sock in socks:
                 sock.close()
