@@ -23,6 +23,18 @@ def unfreeze() -> Iterator[None]:
     gc.unfreeze()
 
 
+async def assert_freed_without_the_collector(gateway: GatewayHandle, refs: list[weakref.ref[object]]) -> None:
+    """Once every socket is gone, nothing ``refs`` watch is left with the collector off: no cycle
+    holds a closed socket, so reference counting alone frees the frozen objects."""
+    await eventually(lambda: not gateway.gw.index and not gateway.gw.sockets, 20)
+    await trio.sleep(0.1)
+    gc.disable()
+    try:
+        assert [ref for ref in refs if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
 async def test_admitted_sockets_are_frozen_and_freed_when_closed(gateway: GatewayHandle, unfreeze: None) -> None:
     freezer = gateway.gw.listener.freezer
     assert not freezer.enabled  # only the daemon turns it on
@@ -36,15 +48,8 @@ async def test_admitted_sockets_are_frozen_and_freed_when_closed(gateway: Gatewa
     assert len(conns) == 20 and all(ref() is not None for ref in conns)
     for client in clients:
         await client.ws.aclose()
-    await eventually(lambda: not gateway.gw.index and not gateway.gw.sockets, 20)
     del clients
-    await trio.sleep(0.1)
-    # No cycle holds a closed socket: reference counting alone frees the frozen objects.
-    gc.disable()
-    try:
-        assert [ref for ref in conns if ref() is not None] == []
-    finally:
-        gc.enable()
+    await assert_freed_without_the_collector(gateway, conns)
 
 
 async def test_off_unless_enabled(gateway: GatewayHandle) -> None:
@@ -72,11 +77,5 @@ async def test_sockets_closed_abnormally_are_freed_without_the_collector(gateway
     for client in clients[4:]:  # a message that is not JSON, then a close frame and EOF
         await client.ws._stream.send_all(client_frame(b"{") + client_frame(b"", first=0x88))
         await client.ws._stream.aclose()
-    await eventually(lambda: not gateway.gw.index and not gateway.gw.sockets, 20)
     del clients
-    await trio.sleep(0.1)
-    gc.disable()
-    try:
-        assert [ref for ref in conns if ref() is not None] == []
-    finally:
-        gc.enable()
+    await assert_freed_without_the_collector(gateway, conns)

@@ -65,14 +65,19 @@ async def wait_for_seq(seen: Seen, seq: int, within: float = 30) -> None:
             await seen.changed.wait()
 
 
+async def sentinel_gateway(rs: SentinelSet, gateway_factory: Any) -> tuple[GatewayHandle, SentinelMaster, str]:
+    """A gateway on ``rs``'s sentinels, the master as they name it, and an admin token of it."""
+    handle: GatewayHandle = await gateway_factory(redis_url=None, **sentinel_settings(rs))
+    topology = SentinelMaster(tuple(("127.0.0.1", s.port) for s in rs.sentinels), MASTER_NAME)
+    return handle, topology, staff_token(handle.settings, 1, roles=("ADMIN",), ttl=600)
+
+
 async def test_gateway_reads_through_the_sentinels_master(redis_sentinel: SentinelSet, gateway_factory: Any) -> None:
-    handle: GatewayHandle = await gateway_factory(redis_url=None, **sentinel_settings(redis_sentinel))
-    topology = SentinelMaster(tuple(("127.0.0.1", s.port) for s in redis_sentinel.sentinels), MASTER_NAME)
+    handle, topology, token = await sentinel_gateway(redis_sentinel, gateway_factory)
     conn = await topology.connect()
     (role,) = await conn.call(resp.encode("ROLE"))
     await conn.aclose()
     assert role[0] == b"master"
-    token = staff_token(handle.settings, 1, roles=("ADMIN",), ttl=600)
     seen, connected = Seen(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listen, handle.port, token, seen, connected)
@@ -92,9 +97,7 @@ async def test_gateway_follows_a_sentinel_failover_while_events_are_published(
     """``burst``: that many more events in one pipelined write just before the kill, so that the
     replica is likely still behind when the master dies: what asynchronous replication loses."""
     rs = redis_sentinel
-    handle: GatewayHandle = await gateway_factory(redis_url=None, **sentinel_settings(rs))
-    topology = SentinelMaster(tuple(("127.0.0.1", s.port) for s in rs.sentinels), MASTER_NAME)
-    token = staff_token(handle.settings, 1, roles=("ADMIN",), ttl=600)
+    handle, topology, token = await sentinel_gateway(rs, gateway_factory)
     old_port = rs.master.port
     assert old_port is not None
     rate, before_kill, after_promotion = 200.0, 400, 400
@@ -180,9 +183,7 @@ async def test_gateway_follows_a_manual_failover_whose_old_master_stays_up(
     """``SENTINEL FAILOVER``: the old master becomes a replica and keeps its connections, which
     then answer writes with READONLY; every path must still end up on the new master."""
     rs = redis_sentinel
-    handle: GatewayHandle = await gateway_factory(redis_url=None, **sentinel_settings(rs))
-    topology = SentinelMaster(tuple(("127.0.0.1", s.port) for s in rs.sentinels), MASTER_NAME)
-    token = staff_token(handle.settings, 1, roles=("ADMIN",), ttl=600)
+    handle, topology, token = await sentinel_gateway(rs, gateway_factory)
     old_port = rs.master.port
     assert old_port is not None
     seen, connected = Seen(), trio.Event()
